@@ -1,0 +1,3 @@
+from pacsd.cli import main
+
+main()

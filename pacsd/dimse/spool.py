@@ -1,0 +1,83 @@
+"""Where a received data set goes while it arrives: memory while small, then a file.
+
+The file lives in the spool directory under a random name (never a received string), so
+a crash leaves at worst an orphan spool file that the startup sweep removes.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+# Data sets below this stay in memory: C-FIND identifiers, N-ACTION lists, small SRs.
+# Above it the bytes stream to disk, so memory stays flat whatever the object size.
+MEMORY_THRESHOLD = 256 * 1024
+
+
+class Spool:
+    """Append-only sink for one data set, optionally prefixed (e.g. by a Part 10 header)."""
+
+    def __init__(self, directory: Path, prefix: bytes = b"", threshold: int = MEMORY_THRESHOLD):
+        self.directory = directory
+        self.threshold = threshold
+        self.prefix_length = len(prefix)
+        self._memory: bytearray | None = bytearray(prefix)
+        self._file = None
+        self.path: Path | None = None
+        self.size = 0  # data set bytes, without the prefix
+
+    def write(self, fragment: memoryview | bytes) -> None:
+        self.size += len(fragment)
+        if self._memory is not None:
+            self._memory += fragment
+            if len(self._memory) > self.threshold:
+                self._spill()
+        else:
+            self._file.write(fragment)
+
+    def _spill(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.path = self.directory / f"{uuid.uuid4().hex}.spool"
+        self._file = open(self.path, "wb", buffering=1 << 20)
+        self._file.write(self._memory)
+        self._memory = None
+
+    def finish(self) -> None:
+        """No more fragments: flush what is buffered (fsync is the storage layer's job)."""
+        if self._file is not None:
+            self._file.close()
+
+    @property
+    def in_memory(self) -> bool:
+        return self._memory is not None
+
+    def read(self) -> bytes:
+        """The data set bytes (without prefix). Only for small data sets or tests."""
+        if self._memory is not None:
+            return bytes(self._memory[self.prefix_length :])
+        with open(self.path, "rb") as f:
+            f.seek(self.prefix_length)
+            return f.read()
+
+    def discard(self) -> None:
+        if self._file is not None and not self._file.closed:
+            self._file.close()
+        if self.path is not None:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+        self._memory = None
+        self.path = None
+
+
+def sweep(directory: Path) -> int:
+    """Remove spool files a previous run left behind; returns how many."""
+    removed = 0
+    if directory.is_dir():
+        for entry in directory.iterdir():
+            if entry.suffix == ".spool" and entry.is_file():
+                entry.unlink(missing_ok=True)
+                removed += 1
+    return removed

@@ -1,0 +1,39 @@
+"""Which SOP classes pacsd serves and which handler answers each DIMSE request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+import structlog
+
+from pacsd.dimse.assembler import Message
+from pacsd.dimse.status import Status
+
+log = structlog.get_logger("pacsd.services")
+
+Handler = Callable[["Association", Message], Awaitable[None]]  # noqa: F821
+
+
+@dataclass
+class ServiceRegistry:
+    # abstract syntax -> transfer syntaxes in preference order
+    syntaxes: dict[str, list[str]] = field(default_factory=dict)
+    # (abstract syntax, command field) -> handler
+    handlers: dict[tuple[str, int], Handler] = field(default_factory=dict)
+
+    def add(self, sop_class: str, transfer_syntaxes: list[str], command_field: int, handler: Handler) -> None:
+        self.syntaxes.setdefault(sop_class, list(transfer_syntaxes))
+        self.handlers[(sop_class, command_field)] = handler
+
+    async def dispatch(self, assoc, message: Message) -> None:
+        abstract = assoc.contexts[message.context_id].abstract_syntax
+        handler = self.handlers.get((abstract, message.command_field))
+        if handler is None:
+            log.warning("dimse.unrecognized_operation", peer=assoc.protocol.peer_str,
+                        command=hex(message.command_field), sop_class=abstract)
+            await assoc.respond(message, Status.UNRECOGNIZED_OPERATION,
+                                ErrorComment=f"command 0x{message.command_field:04X} is not "
+                                             f"supported for {abstract}")
+            return
+        await handler(assoc, message)
