@@ -54,6 +54,14 @@ def _unexpected(data=None) -> Payload:
                    abort_reason=pdu.ABORT_REASON_UNEXPECTED_PDU)
 
 
+# Received-PDU events and the actions Table 9-10 takes for a PDU the state did not expect.
+_PDU_NAMES = {
+    Event.EVT3: "A-ASSOCIATE-AC", Event.EVT4: "A-ASSOCIATE-RJ", Event.EVT6: "A-ASSOCIATE-RQ",
+    Event.EVT10: "P-DATA-TF", Event.EVT12: "A-RELEASE-RQ", Event.EVT13: "A-RELEASE-RP",
+}  # fmt: skip
+_ABORTING_ACTIONS = frozenset({"AA-1", "AA-8"})
+
+
 class UpperLayerProtocol(asyncio.Protocol):
     def __init__(
         self,
@@ -138,7 +146,7 @@ class UpperLayerProtocol(asyncio.Protocol):
             if self.machine.state is State.STA6:
                 self._event(Event.EVT10, Payload(data=body))
             else:
-                self._event(Event.EVT10, _unexpected(body))
+                self._peer_pdu(Event.EVT10, _unexpected(body))
         elif pdu_type == pdu.A_ASSOCIATE_RQ_TYPE:
             self._associate_rq(body)
         elif pdu_type == pdu.A_ASSOCIATE_AC_TYPE:
@@ -149,13 +157,13 @@ class UpperLayerProtocol(asyncio.Protocol):
                 primitive = ac.to_primitive()
             except Exception as exc:  # pynetdicom raises many kinds on bad content
                 raise pdu.PDUError(f"undecodable A-ASSOCIATE-AC: {exc}") from exc
-            self._event(Event.EVT3, _unexpected(primitive))
+            self._peer_pdu(Event.EVT3, _unexpected(primitive))
         elif pdu_type == pdu.A_ASSOCIATE_RJ_TYPE:
-            self._event(Event.EVT4, _unexpected(pdu.Reject(*pdu.decode_fixed4(body))))
+            self._peer_pdu(Event.EVT4, _unexpected(pdu.Reject(*pdu.decode_fixed4(body))))
         elif pdu_type == pdu.A_RELEASE_RQ_TYPE:
-            self._event(Event.EVT12, _unexpected())
+            self._peer_pdu(Event.EVT12, _unexpected())
         elif pdu_type == pdu.A_RELEASE_RP_TYPE:
-            self._event(Event.EVT13, _unexpected())
+            self._peer_pdu(Event.EVT13, _unexpected())
         elif pdu_type == pdu.A_ABORT_TYPE:
             _, source, reason = pdu.decode_fixed4(body)
             self._event(Event.EVT16, Payload(data=pdu.Abort(source, reason)))
@@ -172,12 +180,25 @@ class UpperLayerProtocol(asyncio.Protocol):
         # PS3.8 9.3.2: bit 0 of the protocol version is version 1, the only one defined.
         acceptable = bool(version & 0x0001)
         reject = pdu.encode_reject(pdu.RJ_PERMANENT, pdu.RJ_SOURCE_ACSE, pdu.RJ_ACSE_PROTOCOL_VERSION)
-        if not acceptable:
+        if not acceptable and self.machine.state is State.STA2:
             log.warning("association.rejected", peer=self.peer_str, reason="protocol version",
                         protocol_version=version)
-        self._event(Event.EVT6, Payload(data=primitive, acceptable=acceptable, reject_pdu=reject,
-                                        abort_source=pdu.ABORT_SOURCE_PROVIDER,
-                                        abort_reason=pdu.ABORT_REASON_UNEXPECTED_PDU))
+        self._peer_pdu(Event.EVT6, Payload(data=primitive, acceptable=acceptable, reject_pdu=reject,
+                                           abort_source=pdu.ABORT_SOURCE_PROVIDER,
+                                           abort_reason=pdu.ABORT_REASON_UNEXPECTED_PDU))
+
+    def _peer_pdu(self, event: Event, payload: Payload) -> None:
+        """Hand a received PDU to the machine, logging it first if the state did not
+        expect it (the machine then aborts: AA-1 in Sta2, AA-8 elsewhere)."""
+        if self.machine.action_for(event) in _ABORTING_ACTIONS:
+            log.warning(
+                "association.protocol_error",
+                peer=self.peer_str,
+                state=self.machine.state.name,
+                error=f"unexpected {_PDU_NAMES[event]} PDU",
+                abort_reason=payload.abort_reason,
+            )
+        self._event(event, payload)
 
     def _protocol_error(self, exc: pdu.PDUError) -> None:
         log.warning(

@@ -152,8 +152,8 @@ class Association:
             self.assembler.discard()
         if self.outcome == "open":
             self.outcome = "aborted" if self.established.done() else "closed"
-            if not self.abort_detail:
-                self.abort_detail = {"aborted_by": "connection closed"}
+        if self.outcome == "aborted" and not self.abort_detail:
+            self.abort_detail = {"aborted_by": "connection closed"}
         self._fail_pending(AssociationAborted("connection closed"))
         self._requests.put_nowait(None)
         if not self.ended.done():
