@@ -1,37 +1,75 @@
-"""Composition root: builds the services from the settings and runs the listeners."""
+"""Composition root: builds the archive (index, blob store, ingest) and runs the listeners."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
+from concurrent.futures import ThreadPoolExecutor
 
 import structlog
 
 from pacsd import __version__
 from pacsd.config import Settings
 from pacsd.dimse.spool import sweep
+from pacsd.index.db import create_engine, ensure_schema
+from pacsd.index.writer import IndexWriter
+from pacsd.ingest.pipeline import Ingest
 from pacsd.net.acceptor import DicomServer
-from pacsd.services import verification
+from pacsd.services import storage, verification
 from pacsd.services.registry import ServiceRegistry
+from pacsd.store.filetree import FileTreeBlobStore
 
 log = structlog.get_logger("pacsd")
 
 
-def build_registry(settings: Settings) -> ServiceRegistry:
+class Archive:
+    """What serve, import and verify share: the index, the blob store and the pipeline."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        data_dir = settings.storage.data_dir
+        self.engine = create_engine(settings.database.url)
+        self.store = FileTreeBlobStore(data_dir / "blobs")
+        self.executor = ThreadPoolExecutor(settings.storage.workers, thread_name_prefix="pacsd-io")
+        self.writer = IndexWriter(self.engine, self.store, self.executor, settings.storage.duplicates)
+        self.ingest = Ingest(self.store, self.writer, self.executor, settings.storage.duplicates)
+
+    async def open(self) -> None:
+        self.settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
+        removed = sweep(self.settings.storage.spool_dir)
+        if removed:
+            log.info("spool.swept", removed=removed)
+        schema = await ensure_schema(self.engine, self.settings.database.url)
+        if schema == "created":
+            log.info("index.created", url=_safe_url(self.settings.database.url))
+        self.writer.start()
+
+    async def close(self) -> None:
+        await self.writer.close()
+        await self.engine.dispose()
+        self.executor.shutdown(wait=True)
+
+
+def build_registry(settings: Settings, archive: Archive | None = None) -> ServiceRegistry:
     registry = ServiceRegistry()
     verification.register(registry, settings.dicom.transfer_syntaxes)
+    if archive is not None:
+        scp = storage.StorageSCP(archive.ingest, settings.storage.spool_dir, settings.storage.data_dir,
+                                 settings.storage.min_free_bytes)
+        storage.register(registry, scp, settings.dicom.transfer_syntaxes, settings.storage.extra_sop_classes)
     return registry
 
 
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     """Run until SIGTERM/SIGINT (or `stop` is set), then shut down cleanly."""
-    data_dir = settings.storage.data_dir
-    data_dir.mkdir(parents=True, exist_ok=True)
-    removed = sweep(settings.storage.spool_dir)
-    if removed:
-        log.info("spool.swept", removed=removed)
-    server = DicomServer(settings, build_registry(settings))
-    await server.start()
+    archive = Archive(settings)
+    await archive.open()
+    server = DicomServer(settings, build_registry(settings, archive))
+    try:
+        await server.start()
+    except OSError:
+        await archive.close()
+        raise
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -39,16 +77,26 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
             loop.add_signal_handler(sig, _on_signal, stop, sig)
         except (NotImplementedError, RuntimeError):
             pass
-    log.info("pacsd.started", version=__version__, data_dir=str(data_dir.resolve()),
+    log.info("pacsd.started", version=__version__,
+             data_dir=str(settings.storage.data_dir.resolve()),
+             index=_safe_url(settings.database.url),
              loop=type(loop).__module__.split(".")[0])
     await stop.wait()
     await server.close(settings.dicom.shutdown_grace)
+    await archive.close()
     log.info("pacsd.stopped")
 
 
 def _on_signal(stop: asyncio.Event, sig: signal.Signals) -> None:
     log.info("pacsd.stopping", signal=sig.name)
     stop.set()
+
+
+def _safe_url(url: str) -> str:
+    """The database URL without its password, for logs."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
 
 
 def run(coro) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from pacsd import __version__, app, logs
+from pacsd import __version__, logs
 from pacsd.config import check_ae_title, load_settings
 
 
@@ -40,17 +40,63 @@ def serve(config_file: Path | None) -> None:
     """Run the archive until SIGTERM or Ctrl-C.
 
     Every key can also be set in the environment as PACSD_<SECTION>__<KEY>, e.g.
-    PACSD_DICOM__PORT=11113; the environment wins over the file.
+    PACSD_DICOM__PORT=11113; the environment wins over the file. An empty database gets
+    its schema on first start.
     """
-    try:
-        settings = load_settings(config_file)
-    except (FileNotFoundError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
+    from pacsd import app
+    from pacsd.index.db import SchemaOutOfDate
+
+    settings = _settings(config_file)
     logs.configure(settings.logging.level, settings.logging.format)
     try:
         app.run(app.serve(settings))
-    except OSError as exc:
+    except (OSError, SchemaOutOfDate) as exc:
         raise click.ClickException(f"cannot start: {exc}") from None
+
+
+def _settings(config_file: Path | None):
+    try:
+        return load_settings(config_file)
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+_config_option = click.option(
+    "--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+    help="TOML config file (see config/pacsd.toml); PACSD_<SECTION>__<KEY> env vars override it.",
+)
+
+
+@main.group()
+def db() -> None:
+    """Manage the index database (database.url)."""
+
+
+@db.command("upgrade")
+@_config_option
+@click.option("--revision", default="head", show_default=True, help="Alembic revision to upgrade to.")
+def db_upgrade(config_file: Path | None, revision: str) -> None:
+    """Create the index schema or bring it up to this pacsd's version.
+
+    `pacsd serve` creates the schema of an empty database by itself; an existing index of
+    an older pacsd needs this command (run it with the daemon stopped).
+    """
+    from sqlalchemy.engine import make_url
+
+    from pacsd.index.db import upgrade
+
+    settings = _settings(config_file)
+    logs.configure("warning", "console")
+    url = settings.database.url
+    if url.startswith("sqlite"):
+        database = make_url(url).database
+        if database:
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        upgrade(url, revision)
+    except Exception as exc:
+        raise click.ClickException(f"upgrade failed: {exc}") from None
+    click.echo(f"index at {make_url(url).render_as_string(hide_password=True)} is at revision {revision}")
 
 
 @main.command()

@@ -87,6 +87,23 @@ class HttpSettings(Section):
 class StorageSettings(Section):
     data_dir: Path = Path("./var")
     duplicates: Literal["keep", "overwrite", "reject"] = "keep"
+    # Below this many free bytes on the data disk, C-STORE answers A700 (out of resources)
+    # instead of filling the disk.
+    min_free_bytes: int = Field(256 * 1024 * 1024, ge=0)
+    # SOP classes to accept for storage beyond the standard ones pynetdicom lists.
+    extra_sop_classes: list[str] = Field(default_factory=list)
+    # Threads for blocking work: parsing headers, hashing, fsync, rename.
+    workers: int = Field(4, ge=1, le=64)
+
+    @field_validator("extra_sop_classes")
+    @classmethod
+    def _uids(cls, value: list[str]) -> list[str]:
+        from pacsd.uid import uid_problem
+
+        for uid in value:
+            if problem := uid_problem("extra SOP class", uid):
+                raise ValueError(problem)
+        return value
 
     @property
     def spool_dir(self) -> Path:

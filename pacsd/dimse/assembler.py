@@ -87,7 +87,9 @@ class Assembler:
         except cmd.CommandError as exc:
             raise PDUError(f"undecodable command set: {exc}") from exc
         if cmd.has_dataset(command):
-            self._pending = Message(context_id, command, self.spool_factory(context_id, command))
+            spool = self.spool_factory(context_id, command)
+            self._pending = Message(context_id, command, spool,
+                                    meta={"to_file": spool.threshold == 0})
         else:
             self.deliver(Message(context_id, command))
 
@@ -100,7 +102,7 @@ class Assembler:
         pending.dataset.write(fragment)
         if control & MCH_LAST:
             self._pending = None
-            pending.dataset.finish()
+            pending.dataset.finish(to_file=pending.meta.get("to_file", False))
             self.deliver(pending)
 
     def discard(self) -> None:

@@ -26,27 +26,49 @@ class Spool:
         self._file = None
         self.path: Path | None = None
         self.size = 0  # data set bytes, without the prefix
+        # A write that failed (disk full): the rest of the data set is received and dropped,
+        # so the association stays in step and the request can be answered A700.
+        self.error: OSError | None = None
 
     def write(self, fragment: memoryview | bytes) -> None:
         self.size += len(fragment)
-        if self._memory is not None:
-            self._memory += fragment
-            if len(self._memory) > self.threshold:
-                self._spill()
-        else:
-            self._file.write(fragment)
+        if self.error is not None:
+            return
+        try:
+            if self._memory is not None:
+                self._memory += fragment
+                if len(self._memory) > self.threshold:
+                    self._spill()
+            else:
+                self._file.write(fragment)
+        except OSError as exc:
+            self._fail(exc)
+
+    def _fail(self, exc: OSError) -> None:
+        self.error = exc
+        self.discard()
 
     def _spill(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.path = self.directory / f"{uuid.uuid4().hex}.spool"
         self._file = open(self.path, "wb", buffering=1 << 20)
-        self._file.write(self._memory)
-        self._memory = None
+        memory, self._memory = self._memory, None
+        self._file.write(memory)
 
-    def finish(self) -> None:
-        """No more fragments: flush what is buffered (fsync is the storage layer's job)."""
-        if self._file is not None:
-            self._file.close()
+    def finish(self, to_file: bool = False) -> None:
+        """No more fragments: flush what is buffered (fsync is the storage layer's job).
+
+        `to_file` puts even a small data set into a file (the storage pipeline renames it).
+        """
+        if self.error is not None:
+            return
+        try:
+            if to_file and self._memory is not None:
+                self._spill()
+            if self._file is not None:
+                self._file.close()
+        except OSError as exc:
+            self._fail(exc)
 
     @property
     def in_memory(self) -> bool:
@@ -62,7 +84,10 @@ class Spool:
 
     def discard(self) -> None:
         if self._file is not None and not self._file.closed:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError:
+                pass  # flushing the buffer hit the same full disk; the file goes anyway
         if self.path is not None:
             try:
                 os.unlink(self.path)

@@ -18,6 +18,8 @@ from pacsd.services.registry import ServiceRegistry
 
 log = structlog.get_logger("pacsd.acceptor")
 
+_CONTEXTS_AT_INFO = 16
+
 
 class DicomServer:
     def __init__(self, settings: Settings, registry: ServiceRegistry) -> None:
@@ -89,13 +91,22 @@ class DicomServer:
             return
         assoc.protocol.accept(decision.answer)
         assoc.start(decision.contexts, decision.peer_max_pdu)
+        registry = self.registry
+        assoc.set_spool_factory(lambda context_id, command: registry.spool_for(assoc, context_id, command))
+        accepted = [f"{c.context_id}:{c.abstract_syntax}:{c.transfer_syntax}" for c in decision.contexts]
+        rejected = [f"{cid}:{sop}:{why}" for cid, sop, why in decision.rejected_contexts]
+        if len(accepted) + len(rejected) > _CONTEXTS_AT_INFO:
+            # storescu-style requests propose 128 contexts: the full lists go to debug.
+            log.debug("association.contexts", peer=peer, accepted=accepted, rejected=rejected)
+            accepted = accepted[:_CONTEXTS_AT_INFO] + [f"... {len(decision.contexts)} accepted"]
+            rejected = rejected[:_CONTEXTS_AT_INFO] + [f"... {len(rejected)} rejected"] if rejected else []
         log.info(
             "association.accepted",
             peer=peer,
             calling_ae=assoc.calling_ae,
             called_ae=assoc.called_ae,
-            accepted=[f"{c.context_id}:{c.abstract_syntax}:{c.transfer_syntax}" for c in decision.contexts],
-            rejected=[f"{cid}:{sop}:{why}" for cid, sop, why in decision.rejected_contexts],
+            accepted=accepted,
+            rejected=rejected,
             peer_max_pdu=decision.peer_max_pdu,
             peer_implementation=decision.peer_implementation,
             peer_version=decision.peer_version,

@@ -8,6 +8,7 @@ from typing import Awaitable, Callable
 import structlog
 
 from pacsd.dimse.assembler import Message
+from pacsd.dimse.spool import Spool
 from pacsd.dimse.status import Status
 
 log = structlog.get_logger("pacsd.services")
@@ -21,10 +22,20 @@ class ServiceRegistry:
     syntaxes: dict[str, list[str]] = field(default_factory=dict)
     # (abstract syntax, command field) -> handler
     handlers: dict[tuple[str, int], Handler] = field(default_factory=dict)
+    # (abstract syntax, command field) -> factory(assoc, context_id, command) -> Spool, for
+    # services that want a request's data set spooled their own way (storage: Part 10).
+    spool_factories: dict[tuple[str, int], Callable] = field(default_factory=dict)
 
     def add(self, sop_class: str, transfer_syntaxes: list[str], command_field: int, handler: Handler) -> None:
         self.syntaxes.setdefault(sop_class, list(transfer_syntaxes))
         self.handlers[(sop_class, command_field)] = handler
+
+    def spool_for(self, assoc, context_id: int, command: dict) -> Spool:
+        abstract = assoc.contexts[context_id].abstract_syntax
+        factory = self.spool_factories.get((abstract, command["CommandField"]))
+        if factory is None:
+            return Spool(assoc.spool_dir)
+        return factory(assoc, context_id, command)
 
     async def dispatch(self, assoc, message: Message) -> None:
         abstract = assoc.contexts[message.context_id].abstract_syntax

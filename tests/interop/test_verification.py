@@ -67,14 +67,14 @@ def test_pynetdicom_associates_echoes_releases(daemon):
 def test_unsupported_abstract_syntax_is_rejected_per_context(daemon):
     ae = AE(ae_title="PYNETDICOM")
     ae.add_requested_context(VERIFICATION)
-    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2")  # CT Image Storage: not yet served
+    ae.add_requested_context("1.2.840.10008.5.1.4.31")  # Modality Worklist FIND: not served yet
     assoc = ae.associate("127.0.0.1", daemon.port, ae_title="PACSD")
     assert assoc.is_established
     results = {cx.abstract_syntax: cx.result for cx in assoc.rejected_contexts}
-    assert results == {"1.2.840.10008.5.1.4.1.1.2": 0x03}
+    assert results == {"1.2.840.10008.5.1.4.31": 0x03}
     assoc.release()
     [accepted] = daemon.wait_for_event("association.accepted")
-    assert accepted["rejected"] == ["3:1.2.840.10008.5.1.4.1.1.2:abstract-syntax-not-supported"]
+    assert accepted["rejected"] == ["3:1.2.840.10008.5.1.4.31:abstract-syntax-not-supported"]
 
 
 def test_asynchronous_window_answered_one_one_and_user_identity(start_daemon):

@@ -1,0 +1,95 @@
+"""Engine creation and schema migration for the index (SQLite by default, PostgreSQL too)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+
+
+def create_engine(url: str) -> AsyncEngine:
+    """An async engine with the SQLite settings durability needs."""
+    if url.startswith("sqlite"):
+        path = sa.engine.make_url(url).database
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_async_engine(url, connect_args={"timeout": 30})
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def _pragmas(dbapi_connection, _record) -> None:
+            cursor = dbapi_connection.cursor()
+            # WAL lets readers run beside the writer; synchronous=FULL makes every commit
+            # durable (fsync of the WAL), which group commit keeps affordable.
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=FULL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        return engine
+    return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+
+
+def _alembic_config(url: str):
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["database_url"] = url
+    return config
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    """Apply migrations up to `revision` (blocking; runs its own event loop)."""
+    from alembic import command
+
+    command.upgrade(_alembic_config(url), revision)
+
+
+def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(_alembic_config("")).get_current_head()
+
+
+async def current_revision(engine: AsyncEngine) -> str | None:
+    """The revision the database is at; None for a database without pacsd's schema."""
+
+    def read(connection) -> str | None:
+        from alembic.runtime.migration import MigrationContext
+
+        return MigrationContext.configure(connection).get_current_revision()
+
+    async with engine.connect() as conn:
+        return await conn.run_sync(read)
+
+
+class SchemaOutOfDate(Exception):
+    pass
+
+
+async def ensure_schema(engine: AsyncEngine, url: str) -> str:
+    """Upgrade an empty database; refuse one at another revision (`pacsd db upgrade`)."""
+    current = await current_revision(engine)
+    head = head_revision()
+    if current == head:
+        return "current"
+    if current is None:
+        async with engine.connect() as conn:
+            tables = await conn.run_sync(lambda c: sa.inspect(c).get_table_names())
+        if tables:
+            raise SchemaOutOfDate(
+                f"the database has tables ({', '.join(sorted(tables)[:5])}) but no pacsd "
+                "schema version; point database.url at an empty database or at a pacsd index"
+            )
+        # Alembic runs its own event loop: give it a thread.
+        await asyncio.get_running_loop().run_in_executor(None, upgrade, url)
+        return "created"
+    raise SchemaOutOfDate(
+        f"the index schema is at revision {current}, this pacsd needs {head}: "
+        "run `pacsd db upgrade` first"
+    )

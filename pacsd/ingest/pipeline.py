@@ -1,0 +1,181 @@
+"""The one ingest pipeline (C-STORE now; import, and later STOW-RS, reuse it).
+
+    spool file (Part 10 header + data set as received)
+      → check the data set's structure to its last byte, read the header up to Pixel Data
+      → validate (UIDs well-formed, equal to what the command said, hierarchy present)
+      → SHA-256, fsync, rename into the blob store            [executor thread]
+      → index writer: directory fsync + group commit          [one writer]
+      → the status for the sender
+
+A failure at any step removes what that step left behind: no half-written blob, no row
+without its blob.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import os
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from pacsd.dimse.status import Status
+from pacsd.index.levels import rows
+from pacsd.index.writer import IndexRecord, IndexWriter
+from pacsd.ingest.dataset import DataSetError, check_structure, read_header
+from pacsd.store.blobstore import BlobStore
+from pacsd.uid import uid_problem
+
+log = structlog.get_logger("pacsd.ingest")
+
+DUPLICATE_REJECTED = 0x0111  # PS3.7 C.4.? "Duplicate SOP Instance"
+
+
+@dataclass
+class Incoming:
+    path: Path  # spool file: Part 10 header then the data set bytes as received
+    dataset_offset: int
+    transfer_syntax: str
+    calling_ae: str
+    # What the C-STORE-RQ said; None when the only source is the file itself (import).
+    sop_class_uid: str | None = None
+    sop_instance_uid: str | None = None
+
+
+@dataclass
+class Outcome:
+    status: int
+    comment: str = ""
+    stored: bool = False
+    duplicate: bool = False
+    blob_key: str | None = None
+
+
+class Rejected(Exception):
+    def __init__(self, status: int, comment: str) -> None:
+        super().__init__(comment)
+        self.status = status
+        self.comment = comment
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        buffer = bytearray(1 << 20)
+        view = memoryview(buffer)
+        while n := f.readinto(buffer):
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+class Ingest:
+    def __init__(self, store: BlobStore, writer: IndexWriter, executor: Executor, duplicates: str) -> None:
+        self.store = store
+        self.writer = writer
+        self.executor = executor
+        self.duplicates = duplicates
+
+    async def ingest(self, incoming: Incoming) -> Outcome:
+        loop = asyncio.get_running_loop()
+        try:
+            record = await loop.run_in_executor(self.executor, self._prepare, incoming)
+        except Rejected as exc:
+            _unlink(incoming.path)
+            return Outcome(exc.status, exc.comment)
+        except OSError as exc:
+            _unlink(incoming.path)
+            return Outcome(*_resource_status(exc))
+        try:
+            written = await self.writer.submit(record)
+        except Exception as exc:
+            # The row did not commit: the blob must not stay behind without it.
+            await loop.run_in_executor(self.executor, self.store.delete, record.blob_key)
+            if isinstance(exc, OSError):
+                return Outcome(*_resource_status(exc))
+            return Outcome(Status.OUT_OF_RESOURCES, f"index write failed: {type(exc).__name__}")
+        uid = record.rows.instance["sop_instance_uid"]
+        if written.replaced_key:
+            await loop.run_in_executor(self.executor, self.store.delete, written.replaced_key)
+            log.info("ingest.duplicate_overwritten", sop_instance_uid=uid, calling_ae=incoming.calling_ae)
+        if not written.stored:
+            await loop.run_in_executor(self.executor, self.store.delete, record.blob_key)
+            if self.duplicates == "reject":
+                log.warning("ingest.duplicate_rejected", sop_instance_uid=uid, calling_ae=incoming.calling_ae)
+                return Outcome(DUPLICATE_REJECTED, f"SOP Instance {uid} is already stored",
+                               duplicate=True)
+            log.warning("ingest.duplicate_kept", sop_instance_uid=uid, calling_ae=incoming.calling_ae,
+                        note="kept the copy stored first")
+            return Outcome(Status.SUCCESS, duplicate=True)
+        return Outcome(Status.SUCCESS, stored=True, duplicate=written.duplicate, blob_key=record.blob_key)
+
+    def _prepare(self, incoming: Incoming) -> IndexRecord:
+        """Everything before the index, in an executor thread."""
+        path, offset, ts = incoming.path, incoming.dataset_offset, incoming.transfer_syntax
+        size = path.stat().st_size
+        try:
+            with open(path, "rb") as f:
+                check_structure(f, offset, size, ts)
+            ds, _pixel_offset = read_header(path, offset, ts)
+        except DataSetError as exc:
+            raise Rejected(Status.CANNOT_UNDERSTAND, f"data set cannot be parsed: {exc}") from None
+        except OSError:
+            raise
+        except Exception as exc:  # pydicom raises many kinds on bad values
+            raise Rejected(Status.CANNOT_UNDERSTAND, f"data set cannot be parsed: {exc}") from None
+        self._validate(ds, incoming)
+        try:
+            level_rows = rows(ds)
+        except Exception as exc:
+            raise Rejected(Status.CANNOT_UNDERSTAND, f"attribute values cannot be decoded: {exc}") from None
+        digest = _sha256(path)
+        key = self.store.new_key()
+        stored_size = self.store.put_from_spool(path, key)
+        return IndexRecord(
+            rows=level_rows,
+            blob_key=key,
+            size=stored_size,
+            sha256=digest,
+            dataset_offset=offset,
+            transfer_syntax_uid=ts,
+            calling_ae=incoming.calling_ae,
+        )
+
+    @staticmethod
+    def _validate(ds, incoming: Incoming) -> None:
+        for name, value in (("Affected SOP Class UID", incoming.sop_class_uid),
+                            ("Affected SOP Instance UID", incoming.sop_instance_uid)):
+            if value is not None and (problem := uid_problem(name, value)):
+                raise Rejected(Status.CANNOT_UNDERSTAND, problem)
+        found = {}
+        for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+            value = ds.get(keyword)
+            value = None if value is None else str(value)
+            if problem := uid_problem(keyword, value):
+                status = Status.DATASET_DOES_NOT_MATCH_SOP_CLASS if value in (None, "") else Status.CANNOT_UNDERSTAND
+                raise Rejected(status, f"data set: {problem}")
+            found[keyword] = value
+        if incoming.sop_class_uid is not None and found["SOPClassUID"] != incoming.sop_class_uid:
+            raise Rejected(Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                           f"SOP Class UID {found['SOPClassUID']} in the data set differs from "
+                           f"the Affected SOP Class UID {incoming.sop_class_uid}")
+        if incoming.sop_instance_uid is not None and found["SOPInstanceUID"] != incoming.sop_instance_uid:
+            raise Rejected(Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                           f"SOP Instance UID {found['SOPInstanceUID']} in the data set differs "
+                           f"from the Affected SOP Instance UID {incoming.sop_instance_uid}")
+
+
+def _resource_status(exc: OSError) -> tuple[int, str]:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return Status.OUT_OF_RESOURCES, "out of resources: no space left on the archive's disk"
+    return Status.OUT_OF_RESOURCES, f"out of resources: {exc.strerror or exc}"
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

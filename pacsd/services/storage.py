@@ -1,0 +1,124 @@
+"""Storage Service Class as SCP (PS3.4 Annex B): C-STORE into the ingest pipeline.
+
+The data set of a C-STORE-RQ is spooled straight behind its Part 10 header (built from the
+command and the presentation context before the first fragment arrives), so the spool file
+becomes the blob by a rename, without a copy.
+"""
+
+from __future__ import annotations
+
+import time
+
+import structlog
+from pynetdicom.sop_class import _STORAGE_CLASSES
+
+from pacsd import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from pacsd.dimse.assembler import Message
+from pacsd.dimse.command import CommandField
+from pacsd.dimse.spool import Spool
+from pacsd.dimse.status import Status, describe
+from pacsd.ingest.dataset import build_file_meta
+from pacsd.ingest.pipeline import Incoming, Ingest
+from pacsd.services.registry import ServiceRegistry
+from pacsd.store.filetree import disk_free
+
+log = structlog.get_logger("pacsd.storage")
+
+# Every compressed transfer syntax PS3.5 defines for images, stored as received.
+COMPRESSED_TRANSFER_SYNTAXES = [
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline (Process 1)
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended (Process 2 & 4)
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless, Non-Hierarchical (Process 14)
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless, First-Order Prediction (Process 14 SV1)
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Lossy (Near-Lossless)
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 (Lossless Only)
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.4.92",  # JPEG 2000 Part 2 Multi-component (Lossless Only)
+    "1.2.840.10008.1.2.4.93",  # JPEG 2000 Part 2 Multi-component
+    "1.2.840.10008.1.2.4.201",  # High-Throughput JPEG 2000 (Lossless Only)
+    "1.2.840.10008.1.2.4.202",  # High-Throughput JPEG 2000 with RPCL (Lossless Only)
+    "1.2.840.10008.1.2.4.203",  # High-Throughput JPEG 2000
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+]
+DEFLATED = "1.2.840.10008.1.2.1.99"
+
+
+def storage_sop_classes(extra: list[str] | None = None) -> list[str]:
+    classes = sorted(set(_STORAGE_CLASSES.values()))
+    for uid in extra or []:
+        if uid not in classes:
+            classes.append(uid)
+    return classes
+
+
+class StorageSCP:
+    def __init__(self, ingest: Ingest, spool_dir, data_dir, min_free_bytes: int) -> None:
+        self.ingest = ingest
+        self.spool_dir = spool_dir
+        self.data_dir = data_dir
+        self.min_free_bytes = min_free_bytes
+        self.received = 0
+
+    def spool_for(self, assoc, context_id: int, command: dict) -> Spool:
+        """Where the data set of this C-STORE-RQ goes: a file that starts as a Part 10 file."""
+        ts = assoc.contexts[context_id].transfer_syntax
+        meta = build_file_meta(
+            str(command.get("AffectedSOPClassUID", "")),
+            str(command.get("AffectedSOPInstanceUID", "")),
+            ts,
+            assoc.calling_ae,
+            IMPLEMENTATION_CLASS_UID,
+            IMPLEMENTATION_VERSION_NAME,
+        )
+        spool = Spool(self.spool_dir, prefix=meta, threshold=0)
+        if self.min_free_bytes and disk_free(self.data_dir) < self.min_free_bytes:
+            # Receive and drop: the sender gets A700 instead of filling the disk.
+            spool.error = OSError(28, "free space below storage.min_free_bytes")
+            spool.discard()
+        return spool
+
+    async def handle_c_store(self, assoc, message: Message) -> None:
+        started = time.perf_counter()
+        command = message.command
+        spool = message.dataset
+        context = assoc.contexts[message.context_id]
+        sop_instance = command.get("AffectedSOPInstanceUID")
+        if spool is None or spool.error is not None or spool.path is None:
+            reason = spool.error if spool is not None and spool.error else "no data set"
+            log.warning("storage.out_of_resources", peer=assoc.protocol.peer_str,
+                        calling_ae=assoc.calling_ae, sop_instance_uid=sop_instance, error=str(reason))
+            status = Status.OUT_OF_RESOURCES if spool is not None else Status.CANNOT_UNDERSTAND
+            await assoc.respond(message, status, ErrorComment=f"data set not stored: {reason}"[:64])
+            return
+        message.dataset = None  # the pipeline owns the spool file from here
+        outcome = await self.ingest.ingest(Incoming(
+            path=spool.path,
+            dataset_offset=spool.prefix_length,
+            transfer_syntax=context.transfer_syntax,
+            calling_ae=assoc.calling_ae,
+            sop_class_uid=command.get("AffectedSOPClassUID"),
+            sop_instance_uid=sop_instance,
+        ))
+        self.received += 1
+        extra = {"ErrorComment": outcome.comment[:64]} if outcome.comment else {}
+        await assoc.respond(message, outcome.status, **extra)
+        if outcome.status != Status.SUCCESS:
+            log.warning("storage.failed", peer=assoc.protocol.peer_str, calling_ae=assoc.calling_ae,
+                        message_id=command.get("MessageID"), sop_instance_uid=sop_instance,
+                        status=describe(outcome.status), error=outcome.comment)
+        else:
+            log.debug("storage.stored", calling_ae=assoc.calling_ae, sop_instance_uid=sop_instance,
+                      bytes=spool.size, duplicate=outcome.duplicate,
+                      ms=round((time.perf_counter() - started) * 1000, 2))
+
+
+def register(registry: ServiceRegistry, scp: StorageSCP, transfer_syntaxes: list[str],
+             extra_sop_classes: list[str] | None = None) -> None:
+    syntaxes = list(transfer_syntaxes)
+    for ts in [DEFLATED, *COMPRESSED_TRANSFER_SYNTAXES]:
+        if ts not in syntaxes:
+            syntaxes.append(ts)
+    for sop_class in storage_sop_classes(extra_sop_classes):
+        registry.add(sop_class, syntaxes, CommandField.C_STORE_RQ, scp.handle_c_store)
+        registry.spool_factories[(sop_class, CommandField.C_STORE_RQ)] = scp.spool_for

@@ -1,0 +1,287 @@
+"""The file-tree blob store: one Part 10 file per instance under <data_dir>/blobs.
+
+Keys are time-ordered, ``YYYYMMDD/HHMM/<32 hex>`` in UTC, and map to the path
+``root/YYYYMMDD/HHMM/<32 hex>.dcm``. Instances received close together land in the same
+directory, so one directory fsync makes a whole group-commit's renames durable.
+
+Placing a file without overwriting: ``os.link(spool, final)`` then ``os.unlink(spool)``.
+link() fails atomically with EEXIST when the name is taken, so a blob can never be replaced,
+even by a racing writer, where a check-then-rename would leave a window between the check and
+the rename. A crash between link and unlink leaves a second name for the blob in the spool
+directory, which the startup spool sweep removes. Two fallbacks:
+
+- EXDEV (spool on another filesystem): copy into a hidden temporary file next to the final
+  name, fsync it, then place that file the same way and remove the spool file.
+- a filesystem without hard links (EPERM, ENOTSUP, ENOSYS): check that the name is free, then
+  os.rename. The check and the rename are not atomic together; keys are random 128-bit
+  values generated here, so two writers never race for one name in practice.
+
+Directories: the day and minute directories are created on demand. A directory that did not
+exist before needs its own entry made durable too, so the store remembers which directories it
+created and `sync` fsyncs their parents along with the blobs' directories. Empty directories
+are not removed on delete: a concurrent put may be about to link into them.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import threading
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import BinaryIO, Iterable, Iterator
+
+from pacsd.store.blobstore import BlobStore, RangeReader
+
+SUFFIX = ".dcm"
+
+# ASCII only: Python's \d would also accept other scripts' digits, and $ a trailing newline.
+KEY_PATTERN = re.compile(r"[0-9]{8}/[0-9]{4}/[0-9a-f]{32}", re.ASCII)
+_DAY_PATTERN = re.compile(r"[0-9]{8}", re.ASCII)
+_MINUTE_PATTERN = re.compile(r"[0-9]{4}", re.ASCII)
+_FILE_PATTERN = re.compile(r"[0-9a-f]{32}\.dcm", re.ASCII)
+
+# errno values from link() that mean "this filesystem has no hard links": use rename instead.
+_NO_HARDLINKS = {errno.EPERM, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP}
+
+_COPY_CHUNK = 1 << 20
+
+
+def _now() -> datetime:
+    """The current time in UTC (a seam for tests)."""
+    return datetime.now(timezone.utc)
+
+
+def _copy_file(src_fd: int, dst_fd: int) -> None:
+    """Copy everything readable from src_fd to dst_fd (both positioned at 0)."""
+    while True:
+        chunk = os.read(src_fd, _COPY_CHUNK)
+        if not chunk:
+            return
+        view = memoryview(chunk)
+        while view:
+            written = os.write(dst_fd, view)
+            view = view[written:]
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: str | os.PathLike) -> int:
+    """fsync a finished file through a read-only descriptor; return its size."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        return os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+
+
+def validate_key(key: object) -> str:
+    """Return `key` if it has the exact shape new_key() produces, else raise ValueError."""
+    if not isinstance(key, str) or KEY_PATTERN.fullmatch(key) is None:
+        raise ValueError(f"invalid blob key {key!r}")
+    return key
+
+
+def disk_free(path: str | os.PathLike) -> int:
+    """Bytes available to unprivileged users on the filesystem holding `path`."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+class FileTreeBlobStore(BlobStore):
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self._root = os.fspath(self.root)
+        # Directories this store created whose entry (in their parent) is not yet known durable.
+        self._new_dirs: set[str] = set()
+        self._lock = threading.Lock()
+        if not os.path.isdir(self._root):
+            self.root.mkdir(parents=True, exist_ok=True)
+            _fsync_dir(os.path.dirname(os.path.abspath(self._root)))
+
+    # -- keys and paths ------------------------------------------------------------------
+
+    def new_key(self) -> str:
+        return _now().strftime("%Y%m%d/%H%M/") + uuid.uuid4().hex
+
+    def _path(self, key: str) -> str:
+        validate_key(key)
+        return os.path.join(self._root, key[:8], key[9:13], key[14:] + SUFFIX)
+
+    def path(self, key: str) -> Path:
+        """The file holding `key` (file-tree specific: for sendfile-style serving)."""
+        return Path(self._path(key))
+
+    def _dirs_of(self, key: str) -> tuple[str, str]:
+        """(day directory, minute directory) of an already validated key."""
+        day = os.path.join(self._root, key[:8])
+        return day, os.path.join(day, key[9:13])
+
+    def _make_dirs(self, key: str) -> None:
+        day, minute = self._dirs_of(key)
+        # Under the lock, so that no other thread can link into a directory this thread has
+        # just created before it is recorded as needing its parent fsynced.
+        with self._lock:
+            for directory in (day, minute):
+                try:
+                    os.mkdir(directory)
+                except FileExistsError:
+                    continue
+                self._new_dirs.add(directory)
+
+    # -- writing -------------------------------------------------------------------------
+
+    def put_from_spool(self, spool_path: Path, key: str) -> int:
+        final = self._path(key)
+        size = _fsync_file(spool_path)
+        self._make_dirs(key)
+        try:
+            linked = self._place(spool_path, final)
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise
+            self._place_by_copy(spool_path, final)
+            linked = True
+        if linked:
+            os.unlink(spool_path)
+        return size
+
+    def _place(self, src: str | os.PathLike, final: str) -> bool:
+        """Give the file `src` the name `final`, never replacing an existing file.
+
+        Returns True if `src` was linked (its old name still exists and must be unlinked),
+        False if it was renamed (the old name is gone).
+        """
+        try:
+            os.link(src, final)
+            return True
+        except OSError as e:
+            if e.errno not in _NO_HARDLINKS:
+                raise
+        # No hard links here: check, then rename (see the module docstring for the race).
+        if os.path.lexists(final):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), final)
+        os.rename(src, final)
+        return False
+
+    def _place_by_copy(self, spool_path: str | os.PathLike, final: str) -> None:
+        """Spool on another filesystem: copy next to `final`, fsync, place, drop the copy."""
+        if os.path.lexists(final):  # fail before copying gigabytes for nothing
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), final)
+        directory = os.path.dirname(final)
+        tmp = os.path.join(directory, f".{uuid.uuid4().hex}.tmp")
+        try:
+            src = os.open(spool_path, os.O_RDONLY)
+            try:
+                dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                try:
+                    _copy_file(src, dst)
+                    os.fsync(dst)
+                finally:
+                    os.close(dst)
+            finally:
+                os.close(src)
+            self._place(tmp, final)
+        finally:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass  # renamed into place by the no-hard-link fallback, or never created
+
+    def sync(self, keys: Iterable[str]) -> None:
+        minutes: set[str] = set()
+        for key in keys:
+            validate_key(key)
+            minutes.add(self._dirs_of(key)[1])
+        if not minutes:
+            return
+        with self._lock:
+            pending = set(self._new_dirs)
+        # A blob's directory always; its parents too while their entry is not known durable.
+        to_sync: set[str] = set(minutes)
+        created: set[str] = set()
+        for minute in minutes:
+            day = os.path.dirname(minute)
+            if minute in pending:
+                created.add(minute)
+                to_sync.add(day)
+            if day in pending:
+                created.add(day)
+                to_sync.add(self._root)
+        for directory in to_sync:
+            _fsync_dir(directory)
+        # Forget created directories only once their parents are fsynced: a concurrent sync
+        # that still sees them pending fsyncs the parent again, which is harmless.
+        if created:
+            with self._lock:
+                self._new_dirs -= created
+
+    def delete(self, key: str) -> bool:
+        path = self._path(key)
+        try:
+            os.unlink(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        _fsync_dir(os.path.dirname(path))
+        return True
+
+    # -- reading -------------------------------------------------------------------------
+
+    def open(self, key: str, start: int = 0, end: int | None = None) -> BinaryIO | RangeReader:
+        path = self._path(key)
+        if start < 0:
+            raise ValueError(f"range start {start} is negative")
+        if end is not None and end < start:
+            raise ValueError(f"range end {end} is before start {start}")
+        f = open(path, "rb")
+        if start == 0 and end is None:
+            return f  # the whole blob: a plain file, nothing to wrap
+        try:
+            return RangeReader(f, start, end)
+        except BaseException:
+            f.close()
+            raise
+
+    def exists(self, key: str) -> bool:
+        return os.path.isfile(self._path(key))
+
+    def size(self, key: str) -> int:
+        return os.stat(self._path(key)).st_size
+
+    def iter_keys(self) -> Iterator[str]:
+        for day in _subdirs(self._root, _DAY_PATTERN):
+            for minute in _subdirs(day.path, _MINUTE_PATTERN):
+                try:
+                    entries = os.scandir(minute.path)
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+                with entries:
+                    for entry in entries:
+                        if _FILE_PATTERN.fullmatch(entry.name) and entry.is_file(
+                            follow_symlinks=False
+                        ):
+                            yield f"{day.name}/{minute.name}/{entry.name[: -len(SUFFIX)]}"
+
+
+def _subdirs(path: str, pattern: re.Pattern) -> Iterator[os.DirEntry]:
+    """Real (non-symlink) subdirectories of `path` whose name matches `pattern`."""
+    try:
+        entries = os.scandir(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    with entries:
+        for entry in entries:
+            if pattern.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False):
+                yield entry
+
+
+__all__ = ["FileTreeBlobStore", "disk_free", "validate_key", "KEY_PATTERN", "SUFFIX"]
