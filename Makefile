@@ -10,12 +10,13 @@ TEST_DEBS := dcmtk dicom3tools
 TEST_TOOLS := /usr/bin/echoscu /usr/bin/storescu /usr/bin/findscu /usr/bin/movescu \
               /usr/bin/getscu /usr/bin/storescp /usr/bin/dciodvfy
 
-.PHONY: run test venv test-deps system-deps clean help
+.PHONY: run test bench venv test-deps system-deps clean help
 
 help:
 	@echo "make run    create .venv, install pacsd, start it on embedded defaults"
 	@echo "            (AE PACSD, DICOM port 11112, data in ./var)"
 	@echo "make test   install test dependencies (Python extras, DCMTK, dicom3tools), run all tests"
+	@echo "make bench  side-by-side benchmarks against DCMTK (see bench/README.md)"
 	@echo "make clean  remove .venv and ./var"
 
 run: $(BIN)/.installed
@@ -23,6 +24,9 @@ run: $(BIN)/.installed
 
 test: $(BIN)/.installed-test test-deps
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+bench: $(BIN)/.installed-test test-deps
+	$(BIN)/python bench/ingest.py --huge
 
 venv: $(BIN)/.installed
 

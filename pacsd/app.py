@@ -32,7 +32,8 @@ class Archive:
         self.store = FileTreeBlobStore(data_dir / "blobs")
         self.executor = ThreadPoolExecutor(settings.storage.workers, thread_name_prefix="pacsd-io")
         self.writer = IndexWriter(self.engine, self.store, self.executor, settings.storage.duplicates)
-        self.ingest = Ingest(self.store, self.writer, self.executor, settings.storage.duplicates)
+        self.ingest = Ingest(self.store, self.writer, self.executor, settings.storage.duplicates,
+                             settings.storage.spool_dir)
 
     async def open(self) -> None:
         self.settings.storage.data_dir.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,14 @@ class Spool:
         # A write that failed (disk full): the rest of the data set is received and dropped,
         # so the association stays in step and the request can be answered A700.
         self.error: OSError | None = None
+        # A request the service refused before its data set arrived (status, comment): the
+        # data set is received and dropped the same way.
+        self.refusal: tuple[int, str] | None = None
+
+    def refuse(self, status: int, comment: str) -> None:
+        self.refusal = (status, comment)
+        self.error = OSError(0, comment)
+        self.discard()
 
     def write(self, fragment: memoryview | bytes) -> None:
         self.size += len(fragment)
@@ -45,13 +53,15 @@ class Spool:
             self._fail(exc)
 
     def _fail(self, exc: OSError) -> None:
-        self.error = exc
+        # Without its traceback: the frames it holds hold the fragment, a memoryview of the
+        # PDU framer's buffer, which then cannot be resized (BufferError on the next read).
+        self.error = exc.with_traceback(None)
         self.discard()
 
     def _spill(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.path = self.directory / f"{uuid.uuid4().hex}.spool"
-        self._file = open(self.path, "wb", buffering=1 << 20)
+        self._file = open(self.path, "wb", buffering=0)  # fragments are large: no copy into a buffer
         memory, self._memory = self._memory, None
         self._file.write(memory)
 
@@ -73,6 +83,12 @@ class Spool:
     @property
     def in_memory(self) -> bool:
         return self._memory is not None
+
+    def take_buffer(self) -> bytearray:
+        """Hand over the in-memory bytes (prefix included); the spool is empty afterwards."""
+        assert self._memory is not None
+        memory, self._memory = self._memory, None
+        return memory
 
     def read(self) -> bytes:
         """The data set bytes (without prefix). Only for small data sets or tests."""

@@ -12,6 +12,41 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
 
+def _sqlite_pragmas(dbapi_connection) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL lets readers run beside the writer; synchronous=FULL makes every commit durable
+    # (fsync of the WAL), which group commit keeps affordable.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def sync_engine_for(engine: AsyncEngine) -> sa.Engine | None:
+    """For an SQLite index: a synchronous engine on the same file, for the index writer.
+
+    The writer runs a whole group in one worker thread with it (one thread hop per group).
+    Its transactions start with BEGIN IMMEDIATE, so the lookups of a group happen under the
+    write lock that its inserts need, even with a second process (pacsd import) writing.
+    """
+    url = engine.url
+    if url.get_backend_name() != "sqlite":
+        return None
+    sync = sa.create_engine(url.set(drivername="sqlite"), poolclass=sa.pool.SingletonThreadPool)
+
+    @event.listens_for(sync, "connect")
+    def _connect(dbapi_connection, _record) -> None:
+        _sqlite_pragmas(dbapi_connection)
+        dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
+
+    @event.listens_for(sync, "begin")
+    def _begin(conn) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return sync
+
+
 def create_engine(url: str) -> AsyncEngine:
     """An async engine with the SQLite settings durability needs."""
     if url.startswith("sqlite"):
@@ -22,13 +57,7 @@ def create_engine(url: str) -> AsyncEngine:
 
         @event.listens_for(engine.sync_engine, "connect")
         def _pragmas(dbapi_connection, _record) -> None:
-            cursor = dbapi_connection.cursor()
-            # WAL lets readers run beside the writer; synchronous=FULL makes every commit
-            # durable (fsync of the WAL), which group commit keeps affordable.
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=FULL")
-            cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.close()
+            _sqlite_pragmas(dbapi_connection)
 
         return engine
     return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)

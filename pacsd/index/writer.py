@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -18,6 +18,7 @@ import sqlalchemy as sa
 import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from pacsd.index.db import sync_engine_for
 from pacsd.index.levels import LevelRows
 from pacsd.index.schema import instances, patients, series, studies
 from pacsd.store.blobstore import BlobStore
@@ -77,6 +78,23 @@ def _join(values: set[str]) -> str:
     return "\\".join(sorted(values))
 
 
+def _insert_new(conn: AsyncConnection, table: sa.Table, *unique: str):
+    """INSERT of a new patient/study/series that does nothing if the row exists after all.
+
+    The writer looks a row up before inserting it, but another writer on the same database
+    (a second pacsd process on PostgreSQL) may commit the same entity in between; on
+    PostgreSQL this INSERT then waits for that transaction and inserts nothing, and the
+    caller reads the other writer's row instead of failing its whole group on the unique key.
+    """
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif conn.dialect.name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:
+        return table.insert()
+    return insert(table).on_conflict_do_nothing(index_elements=[table.c[name] for name in unique])
+
+
 class IndexWriter:
     def __init__(self, engine: AsyncEngine, store: BlobStore, executor: Executor, duplicates: str) -> None:
         self.engine = engine
@@ -90,6 +108,8 @@ class IndexWriter:
         self._series = _LRU()
         self.groups = 0
         self.committed = 0
+        self._sync_engine = sync_engine_for(engine)
+        self._db_thread: ThreadPoolExecutor | None = None
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="index-writer")
@@ -99,6 +119,10 @@ class IndexWriter:
             await self._queue.put(None)
             await self._task
             self._task = None
+        if self._db_thread is not None:
+            self._db_thread.submit(self._sync_engine.dispose).result()
+            self._db_thread.shutdown(wait=True)
+            self._db_thread = None
 
     async def submit(self, record: IndexRecord) -> WriteOutcome:
         record.future = asyncio.get_running_loop().create_future()
@@ -121,7 +145,6 @@ class IndexWriter:
                 group.append(item)
             try:
                 # The renames into blobs/ must be durable before the rows that point at them.
-                await loop.run_in_executor(self.executor, self.store.sync, [r.blob_key for r in group])
                 outcomes = await self._commit(group)
             except Exception as exc:
                 log.error("index.commit_failed", instances=len(group), error=repr(exc))
@@ -140,6 +163,32 @@ class IndexWriter:
                     record.future.set_result(outcome)
 
     async def _commit(self, group: list[IndexRecord]) -> list[WriteOutcome]:
+        keys = [r.blob_key for r in group]
+        if self._sync_engine is not None:
+            # SQLite: the whole group is one job in the database thread, instead of one
+            # thread hop per statement through aiosqlite.
+            if self._db_thread is None:
+                self._db_thread = ThreadPoolExecutor(1, thread_name_prefix="pacsd-index")
+            outcomes, remember = await asyncio.get_running_loop().run_in_executor(
+                self._db_thread, self._commit_in_thread, keys, group)
+        else:
+            # The renames into blobs/ must be durable before the rows that point at them.
+            await asyncio.get_running_loop().run_in_executor(self.executor, self.store.sync, keys)
+            async with self.engine.begin() as conn:
+                outcomes, remember = await conn.run_sync(self._commit_sync, group)
+        remember()
+        return outcomes
+
+    def _commit_in_thread(self, keys: list[str], group: list[IndexRecord]):
+        # The renames into blobs/ must be durable before the rows that point at them.
+        self.store.sync(keys)
+        with self._sync_engine.begin() as conn:
+            return self._commit_sync(conn, group)
+
+    def _commit_sync(self, conn: sa.Connection, group: list[IndexRecord]):
+        """The statements of one group, inside the caller's transaction (sync code: it runs
+        in the database thread for SQLite, through run_sync for asyncpg). Returns the
+        outcomes and what to remember once the transaction committed."""
         now = datetime.now(timezone.utc)
         outcomes: list[WriteOutcome] = []
         new_rows: list[dict[str, Any]] = []
@@ -155,193 +204,223 @@ class IndexWriter:
         pending_studies: dict[str, _Study] = {}
         pending_series: dict[str, tuple[int, str]] = {}
         study_objs: dict[str, _Study] = {}
-        async with self.engine.begin() as conn:
-            uids = [r.rows.instance["sop_instance_uid"] for r in group]
-            existing = {
-                row.sop_instance_uid: row
-                for row in await conn.execute(
-                    sa.select(instances.c.pk, instances.c.sop_instance_uid, instances.c.blob_key,
-                              instances.c.series_pk).where(instances.c.sop_instance_uid.in_(uids))
-                )
-            }
-            in_group: set[str] = set()
-            for record in group:
-                uid = record.rows.instance["sop_instance_uid"]
-                old = existing.get(uid)
-                if uid in in_group or old is not None:
-                    if self.duplicates != "overwrite" or uid in in_group:
-                        outcomes.append(WriteOutcome(stored=False, duplicate=True))
-                        continue
-                    await self._remove_instance(conn, old)
-                    outcomes.append(WriteOutcome(stored=True, duplicate=True, replaced_key=old.blob_key))
-                    changed_sets.add("*")
-                else:
-                    outcomes.append(WriteOutcome(stored=True))
-                in_group.add(uid)
-                patient_pk = await self._patient(conn, record.rows.patient, now, pending_patients)
-                study, study_is_new = await self._study(conn, record.rows.study, patient_pk, now, pending_studies)
-                study_uid = record.rows.study["study_instance_uid"]
-                study_objs[study_uid] = study
-                series_pk, series_is_new = await self._series_pk(
-                    conn, record.rows.series, study.pk, study_uid, now, pending_series)
-                if study_is_new:
-                    new_studies_per_patient[study.patient_pk] = new_studies_per_patient.get(study.patient_pk, 0) + 1
-                if series_is_new:
-                    new_series_per_study[study_uid] = new_series_per_study.get(study_uid, 0) + 1
-                    patient_series[study.patient_pk] = patient_series.get(study.patient_pk, 0) + 1
-                modality = record.rows.series["modality"]
-                sop_class = record.rows.instance["sop_class_uid"]
-                if modality and modality not in study.modalities:
-                    study.modalities.add(modality)
-                    changed_sets.add(study_uid)
-                if sop_class not in study.sop_classes:
-                    study.sop_classes.add(sop_class)
-                    changed_sets.add(study_uid)
-                touched_series[series_pk] = touched_series.get(series_pk, 0) + 1
-                touched_studies[study_uid] = touched_studies.get(study_uid, 0) + 1
-                patient_instances[study.patient_pk] = patient_instances.get(study.patient_pk, 0) + 1
-                new_rows.append({
-                    **record.rows.instance,
-                    "series_pk": series_pk,
-                    "transfer_syntax_uid": record.transfer_syntax_uid,
-                    "size": record.size,
-                    "sha256": record.sha256,
-                    "blob_key": record.blob_key,
-                    "dataset_offset": record.dataset_offset,
-                    "received_at": now,
-                    "calling_ae": record.calling_ae[:16],
-                })
-            if new_rows:
-                await conn.execute(instances.insert(), new_rows)
-            if touched_series:
-                await conn.execute(
-                    series.update().where(series.c.pk == sa.bindparam("b_pk")).values(
-                        num_instances=series.c.num_instances + sa.bindparam("b_n"), updated_at=now),
-                    [{"b_pk": pk, "b_n": n} for pk, n in touched_series.items()],
-                )
-            if touched_studies:
-                await conn.execute(
-                    studies.update().where(studies.c.pk == sa.bindparam("b_pk")).values(
-                        num_instances=studies.c.num_instances + sa.bindparam("b_n"),
-                        num_series=studies.c.num_series + sa.bindparam("b_series"),
-                        updated_at=now),
-                    [{"b_pk": study_objs[u].pk, "b_n": n, "b_series": new_series_per_study.get(u, 0)}
-                     for u, n in touched_studies.items()],
-                )
-                for uid in (changed_sets - {"*"}):
-                    study = study_objs[uid]
-                    await conn.execute(studies.update().where(studies.c.pk == study.pk).values(
-                        modalities_in_study=_join(study.modalities),
-                        sop_classes_in_study=_join(study.sop_classes)))
-            if patient_instances:
-                await conn.execute(
-                    patients.update().where(patients.c.pk == sa.bindparam("b_pk")).values(
-                        num_instances=patients.c.num_instances + sa.bindparam("b_n"),
-                        num_series=patients.c.num_series + sa.bindparam("b_series"),
-                        num_studies=patients.c.num_studies + sa.bindparam("b_studies"),
-                        updated_at=now),
-                    [{"b_pk": pk, "b_n": n, "b_series": patient_series.get(pk, 0),
-                      "b_studies": new_studies_per_patient.get(pk, 0)}
-                     for pk, n in patient_instances.items()],
-                )
-            if "*" in changed_sets:
-                await self._recount(conn)
+        uids = [r.rows.instance["sop_instance_uid"] for r in group]
+        existing = {
+            row.sop_instance_uid: row
+            for row in conn.execute(
+                sa.select(instances.c.pk, instances.c.sop_instance_uid, instances.c.blob_key,
+                          instances.c.series_pk).where(instances.c.sop_instance_uid.in_(uids))
+            )
+        }
+        in_group: set[str] = set()
+        for record in group:
+            uid = record.rows.instance["sop_instance_uid"]
+            old = existing.get(uid)
+            if uid in in_group or old is not None:
+                if self.duplicates != "overwrite" or uid in in_group:
+                    outcomes.append(WriteOutcome(stored=False, duplicate=True))
+                    continue
+                self._remove_instance(conn, old)
+                outcomes.append(WriteOutcome(stored=True, duplicate=True, replaced_key=old.blob_key))
+                changed_sets.add("*")
+            else:
+                outcomes.append(WriteOutcome(stored=True))
+            in_group.add(uid)
+            patient_pk = self._patient(conn, record.rows.patient, now, pending_patients)
+            study, study_is_new = self._study(conn, record.rows.study, patient_pk, now, pending_studies)
+            study_uid = record.rows.study["study_instance_uid"]
+            study_objs[study_uid] = study
+            series_pk, series_is_new = self._series_pk(
+                conn, record.rows.series, study.pk, study_uid, now, pending_series)
+            if study_is_new:
+                new_studies_per_patient[study.patient_pk] = new_studies_per_patient.get(study.patient_pk, 0) + 1
+            if series_is_new:
+                new_series_per_study[study_uid] = new_series_per_study.get(study_uid, 0) + 1
+                patient_series[study.patient_pk] = patient_series.get(study.patient_pk, 0) + 1
+            modality = record.rows.series["modality"]
+            sop_class = record.rows.instance["sop_class_uid"]
+            if modality and modality not in study.modalities:
+                study.modalities.add(modality)
+                changed_sets.add(study_uid)
+            if sop_class not in study.sop_classes:
+                study.sop_classes.add(sop_class)
+                changed_sets.add(study_uid)
+            touched_series[series_pk] = touched_series.get(series_pk, 0) + 1
+            touched_studies[study_uid] = touched_studies.get(study_uid, 0) + 1
+            patient_instances[study.patient_pk] = patient_instances.get(study.patient_pk, 0) + 1
+            new_rows.append({
+                **record.rows.instance,
+                "series_pk": series_pk,
+                "transfer_syntax_uid": record.transfer_syntax_uid,
+                "size": record.size,
+                "sha256": record.sha256,
+                "blob_key": record.blob_key,
+                "dataset_offset": record.dataset_offset,
+                "received_at": now,
+                "calling_ae": record.calling_ae[:16],
+            })
+        if new_rows:
+            conn.execute(instances.insert(), new_rows)
+        if touched_series:
+            conn.execute(
+                series.update().where(series.c.pk == sa.bindparam("b_pk")).values(
+                    num_instances=series.c.num_instances + sa.bindparam("b_n"), updated_at=now),
+                [{"b_pk": pk, "b_n": n} for pk, n in touched_series.items()],
+            )
+        if touched_studies:
+            conn.execute(
+                studies.update().where(studies.c.pk == sa.bindparam("b_pk")).values(
+                    num_instances=studies.c.num_instances + sa.bindparam("b_n"),
+                    num_series=studies.c.num_series + sa.bindparam("b_series"),
+                    updated_at=now),
+                [{"b_pk": study_objs[u].pk, "b_n": n, "b_series": new_series_per_study.get(u, 0)}
+                 for u, n in touched_studies.items()],
+            )
+            for uid in (changed_sets - {"*"}):
+                study = study_objs[uid]
+                # Merge with the row, not only the cache: another writer on the same
+                # database may have added a modality since this writer read the study.
+                # (The counter UPDATE above already holds the row's lock.)
+                current = (conn.execute(
+                    sa.select(studies.c.modalities_in_study, studies.c.sop_classes_in_study)
+                    .where(studies.c.pk == study.pk))).one()
+                study.modalities |= _split(current.modalities_in_study)
+                study.sop_classes |= _split(current.sop_classes_in_study)
+                conn.execute(studies.update().where(studies.c.pk == study.pk).values(
+                    modalities_in_study=_join(study.modalities),
+                    sop_classes_in_study=_join(study.sop_classes)))
+        if patient_instances:
+            conn.execute(
+                patients.update().where(patients.c.pk == sa.bindparam("b_pk")).values(
+                    num_instances=patients.c.num_instances + sa.bindparam("b_n"),
+                    num_series=patients.c.num_series + sa.bindparam("b_series"),
+                    num_studies=patients.c.num_studies + sa.bindparam("b_studies"),
+                    updated_at=now),
+                [{"b_pk": pk, "b_n": n, "b_series": patient_series.get(pk, 0),
+                  "b_studies": new_studies_per_patient.get(pk, 0)}
+                 for pk, n in patient_instances.items()],
+            )
+        if "*" in changed_sets:
+            self._recount(conn)
+        return outcomes, lambda: self._remember(changed_sets, pending_patients, pending_studies, pending_series)
+
+    def _remember(self, changed_sets, pending_patients, pending_studies, pending_series) -> None:
+        """After the commit: the entities this group created become cache entries."""
+        if "*" in changed_sets:
+            # The recount deleted the series, studies and patients it left empty, and
+            # rewrote the study sets: no cached pk or set can be trusted any more.
+            self._patients.clear()
+            self._studies.clear()
+            self._series.clear()
+            return
         for key, pk in pending_patients.items():
             self._patients.put(key, pk)
         for uid, study in pending_studies.items():
             self._studies.put(uid, study)
         for uid, value in pending_series.items():
             self._series.put(uid, value)
-        if "*" in changed_sets:
-            self._studies.clear()
-        return outcomes
 
-    async def _patient(self, conn: AsyncConnection, row: dict, now, pending) -> int:
+    def _patient(self, conn: sa.Connection, row: dict, now, pending) -> int:
         key = (row["patient_id"], row["issuer_of_patient_id"])
         pk = pending.get(key) or self._patients.get_(key)
         if pk is not None:
             return pk
-        pk = (await conn.execute(sa.select(patients.c.pk).where(
-            patients.c.patient_id == key[0], patients.c.issuer_of_patient_id == key[1]))).scalar()
+        lookup = sa.select(patients.c.pk).where(
+            patients.c.patient_id == key[0], patients.c.issuer_of_patient_id == key[1])
+        pk = (conn.execute(lookup)).scalar()
         if pk is None:
-            pk = (await conn.execute(
-                patients.insert().values(**row, created_at=now, updated_at=now).returning(patients.c.pk)
-            )).scalar_one()
+            pk = (conn.execute(
+                _insert_new(conn, patients, "patient_id", "issuer_of_patient_id")
+                .values(**row, created_at=now, updated_at=now).returning(patients.c.pk)
+            )).scalar()
+            if pk is None:  # another writer committed this patient since the lookup
+                pk = (conn.execute(lookup)).scalar_one()
         pending[key] = pk
         return pk
 
-    async def _study(self, conn, row: dict, patient_pk: int, now, pending) -> tuple[_Study, bool]:
+    def _study(self, conn: sa.Connection, row: dict, patient_pk: int, now, pending) -> tuple[_Study, bool]:
         uid = row["study_instance_uid"]
         study = pending.get(uid) or self._studies.get_(uid)
         if study is not None:
             return study, False
-        found = (await conn.execute(sa.select(
+        lookup = sa.select(
             studies.c.pk, studies.c.patient_pk, studies.c.modalities_in_study,
-            studies.c.sop_classes_in_study).where(studies.c.study_instance_uid == uid))).first()
-        if found is not None:
-            study = _Study(found.pk, found.patient_pk, _split(found.modalities_in_study),
-                           _split(found.sop_classes_in_study))
-            if found.patient_pk != patient_pk:
-                log.warning("index.study_patient_conflict", study_instance_uid=uid,
-                            note="instance names another patient than its study; kept the study's")
-            pending[uid] = study
-            return study, False
-        pk = (await conn.execute(studies.insert().values(
-            **row, patient_pk=patient_pk, created_at=now, updated_at=now).returning(studies.c.pk))).scalar_one()
-        study = _Study(pk, patient_pk, set(), set())
+            studies.c.sop_classes_in_study).where(studies.c.study_instance_uid == uid)
+        found = (conn.execute(lookup)).first()
+        if found is None:
+            pk = (conn.execute(_insert_new(conn, studies, "study_instance_uid").values(
+                **row, patient_pk=patient_pk, created_at=now, updated_at=now).returning(studies.c.pk))).scalar()
+            if pk is not None:
+                study = _Study(pk, patient_pk, set(), set())
+                pending[uid] = study
+                return study, True
+            found = (conn.execute(lookup)).one()  # another writer committed it first
+        study = _Study(found.pk, found.patient_pk, _split(found.modalities_in_study),
+                       _split(found.sop_classes_in_study))
+        if found.patient_pk != patient_pk:
+            log.warning("index.study_patient_conflict", study_instance_uid=uid,
+                        note="instance names another patient than its study; kept the study's")
         pending[uid] = study
-        return study, True
+        return study, False
 
-    async def _series_pk(self, conn, row: dict, study_pk: int, study_uid: str, now, pending) -> tuple[int, bool]:
+    def _series_pk(self, conn: sa.Connection, row: dict, study_pk: int, study_uid: str, now, pending) -> tuple[int, bool]:
         uid = row["series_instance_uid"]
         cached = pending.get(uid) or self._series.get_(uid)
         if cached is not None:
             return cached[0], False
-        pk = (await conn.execute(sa.select(series.c.pk).where(series.c.series_instance_uid == uid))).scalar()
-        if pk is not None:
-            pending[uid] = (pk, study_uid)
-            return pk, False
-        pk = (await conn.execute(series.insert().values(
-            **row, study_pk=study_pk, created_at=now, updated_at=now).returning(series.c.pk))).scalar_one()
+        lookup = sa.select(series.c.pk).where(series.c.series_instance_uid == uid)
+        pk = (conn.execute(lookup)).scalar()
+        is_new = False
+        if pk is None:
+            pk = (conn.execute(_insert_new(conn, series, "series_instance_uid").values(
+                **row, study_pk=study_pk, created_at=now, updated_at=now).returning(series.c.pk))).scalar()
+            is_new = pk is not None
+            if pk is None:  # another writer committed this series since the lookup
+                pk = (conn.execute(lookup)).scalar_one()
         pending[uid] = (pk, study_uid)
-        return pk, True
+        return pk, is_new
 
-    async def _remove_instance(self, conn: AsyncConnection, old) -> None:
-        await conn.execute(instances.delete().where(instances.c.pk == old.pk))
+    def _remove_instance(self, conn: sa.Connection, old) -> None:
+        conn.execute(instances.delete().where(instances.c.pk == old.pk))
 
-    async def _recount(self, conn: AsyncConnection) -> None:
+    def _recount(self, conn: sa.Connection) -> None:
         """After an overwrite moved or replaced rows: recompute every counter from the rows.
 
         Overwrites are rare and an administrator's choice, so exact counters are worth a
         full recount here; the common path above only adds.
         """
-        await recount(conn)
+        recount_sync(conn)
 
 
 async def recount(conn: AsyncConnection) -> None:
     """Recompute counters and study sets from the instance rows (also used by verify)."""
+    await conn.run_sync(recount_sync)
+
+
+def recount_sync(conn: sa.Connection) -> None:
+    """Recompute counters and study sets from the instance rows (also used by verify)."""
     inst_per_series = sa.select(sa.func.count()).where(instances.c.series_pk == series.c.pk).scalar_subquery()
-    await conn.execute(series.update().values(num_instances=inst_per_series))
-    await conn.execute(series.delete().where(series.c.num_instances == 0))
-    await conn.execute(studies.update().values(
+    conn.execute(series.update().values(num_instances=inst_per_series))
+    conn.execute(series.delete().where(series.c.num_instances == 0))
+    conn.execute(studies.update().values(
         num_series=sa.select(sa.func.count()).where(series.c.study_pk == studies.c.pk).scalar_subquery(),
         num_instances=sa.select(sa.func.coalesce(sa.func.sum(series.c.num_instances), 0))
         .where(series.c.study_pk == studies.c.pk).scalar_subquery(),
     ))
-    await conn.execute(studies.delete().where(studies.c.num_series == 0))
-    for study_pk, in (await conn.execute(sa.select(studies.c.pk))).all():
-        modalities = {m for m, in (await conn.execute(
+    conn.execute(studies.delete().where(studies.c.num_series == 0))
+    for study_pk, in (conn.execute(sa.select(studies.c.pk))).all():
+        modalities = {m for m, in (conn.execute(
             sa.select(series.c.modality).distinct().where(series.c.study_pk == study_pk))).all() if m}
-        classes = {c for c, in (await conn.execute(
+        classes = {c for c, in (conn.execute(
             sa.select(instances.c.sop_class_uid).distinct().join(series, instances.c.series_pk == series.c.pk)
             .where(series.c.study_pk == study_pk))).all()}
-        await conn.execute(studies.update().where(studies.c.pk == study_pk).values(
+        conn.execute(studies.update().where(studies.c.pk == study_pk).values(
             modalities_in_study=_join(modalities), sop_classes_in_study=_join(classes)))
-    await conn.execute(patients.update().values(
+    conn.execute(patients.update().values(
         num_studies=sa.select(sa.func.count()).where(studies.c.patient_pk == patients.c.pk).scalar_subquery(),
         num_series=sa.select(sa.func.coalesce(sa.func.sum(studies.c.num_series), 0))
         .where(studies.c.patient_pk == patients.c.pk).scalar_subquery(),
         num_instances=sa.select(sa.func.coalesce(sa.func.sum(studies.c.num_instances), 0))
         .where(studies.c.patient_pk == patients.c.pk).scalar_subquery(),
     ))
-    await conn.execute(patients.delete().where(patients.c.num_studies == 0))
+    conn.execute(patients.delete().where(patients.c.num_studies == 0))

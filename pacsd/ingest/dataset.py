@@ -355,26 +355,41 @@ class _Walker:
     def _ends(self, pos: int, where) -> DataSetError:
         return DataSetError(f"data set ends at {self.src.where(pos)} inside {_describe(where)}")
 
-    def _short(self, pos: int, have: int, limit: int | None, where, what: str) -> DataSetError:
+    def _short(self, pos: int, have: int, limit: int | None, exact: bool, where, what: str) -> DataSetError:
+        """Fewer bytes than `what` needs: the container's end (exact), an outer one, or the data's."""
         at = self.src.where(pos)
         if limit is not None and have == limit - pos:
             if where == "the data set":
                 return DataSetError(
                     f"{have} trailing bytes at {at} after the last element are too short for {what}"
                 )
-            return DataSetError(
-                f"{have} bytes left at {at} at the end of {_describe(where)} are too short for {what}"
-            )
+            if exact:
+                return DataSetError(
+                    f"{have} bytes left at {at} at the end of {_describe(where)} are too short for {what}"
+                )
+            if self.src.end is not None and limit < self.src.end:
+                return DataSetError(
+                    f"{_describe(where)} reaches the end of its container at {self.src.where(limit)} "
+                    f"without its delimiter"
+                )
         if have == 0:
             return self._ends(pos, where)
         return DataSetError(f"data set ends at {at} inside {what} in {_describe(where)}")
 
+    def _command(self, tag: int, pos: int, where) -> DataSetError:
+        return DataSetError(
+            f"command element {_tag(tag)} at {self.src.where(pos)} inside {_describe(where)} "
+            f"(group 0000 has no place in a data set; zero padding?)"
+        )
+
     def _past(self, what: str, length: int, pos: int, limit: int | None, where) -> DataSetError:
         where = _describe(where)
         if limit is None or (self.src.end is not None and limit >= self.src.end) or where == "the data set":
+            if limit is None:
+                limit = self.src.produced   # deflated: the stream has just ended there
             return DataSetError(
-                f"{what} length {length} at {self.src.where(pos)} runs past the end of the data set"
-                + (f" at {self.src.where(limit)}" if limit is not None else "")
+                f"{what} length {length} at {self.src.where(pos)} runs past the end of the data set "
+                f"at {self.src.where(limit)}"
             )
         return DataSetError(
             f"{what} length {length} at {self.src.where(pos)} runs past the end of {where} "
@@ -434,7 +449,7 @@ class _Walker:
             if have < 8:
                 if have == 0 and mode == _MODE_STREAM:
                     return False
-                raise self._short(pos, have, limit, where, "an element header")
+                raise self._short(pos, have, limit, mode == _MODE_EXACT, where, "an element header")
             element_enc = enc
             if implicit:
                 group, elem, length = unpack(buf, i)
@@ -448,7 +463,8 @@ class _Walker:
                     hdr = 8
                 elif vr in _LONG_VRS:
                     if have < 12:
-                        raise self._short(pos, have, limit, where, f"the header of element {_tag(group << 16 | elem)}")
+                        raise self._short(pos, have, limit, mode == _MODE_EXACT, where,
+                                          f"the header of element {_tag(group << 16 | elem)}")
                     length = unpack_ul(buf, i + 8)[0]
                     hdr = 12
                 elif 65 <= vr[0] <= 90 and 65 <= vr[1] <= 90:
@@ -458,6 +474,8 @@ class _Walker:
                     vr = None
                     hdr = 8
                     element_enc = _BY_FLAGS[(True, enc.little)]
+                elif group == 0:
+                    raise self._command(group << 16 | elem, pos, where)
                 else:
                     raise DataSetError(
                         f"element {_tag(group << 16 | elem)} at {src.where(pos)} has VR bytes {vr!r}, "
@@ -482,10 +500,7 @@ class _Walker:
                     f"{name} {_tag(tag)} at {src.where(pos)} where {_describe(where)} needs a data element"
                 )
             if group == 0:
-                raise DataSetError(
-                    f"command element {_tag(tag)} at {src.where(pos)} inside {_describe(where)} "
-                    f"(group 0000 has no place in a data set; zero padding?)"
-                )
+                raise self._command(tag, pos, where)
             if top and out is not None and tag in _PIXEL_TAGS:
                 self.pixel_offset = pos
                 return False
@@ -715,7 +730,11 @@ def read_header(path: Path, offset: int, transfer_syntax: str, *,
     (7FE0,0009) Double Float Pixel Data. Returns a pydicom Dataset holding every element before
     it, in sequences too, EXCEPT those whose value is longer than `max_value` bytes (64 KiB):
     those are left out of the Dataset altogether and never read (a big private OB, overlay or
-    waveform data, an encapsulated icon). The Dataset needs no file behind it afterwards.
+    waveform data, an encapsulated icon). Sequences are walked, so only the big values inside
+    them go; an element whose VR the walker cannot know is one value (in implicit VR, a private
+    element of defined length, which pydicom may later read as a sequence). A sequence or item
+    that lost an element is handed to pydicom re-encoded with undefined length. The Dataset
+    needs no file behind it afterwards.
     Values decode as pydicom decodes them: VRs from pydicom's dictionary for implicit VR,
     text through (0008,0005) Specific Character Set when accessed.
 

@@ -17,6 +17,7 @@ import asyncio
 import errno
 import hashlib
 import os
+import uuid
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,13 +38,16 @@ DUPLICATE_REJECTED = 0x0111  # PS3.7 C.4.? "Duplicate SOP Instance"
 
 @dataclass
 class Incoming:
-    path: Path  # spool file: Part 10 header then the data set bytes as received
+    # Spool file: Part 10 header then the data set bytes as received. With `buffer` set the
+    # same bytes are still in memory and the pipeline writes them to a new spool file.
+    path: Path | None
     dataset_offset: int
     transfer_syntax: str
     calling_ae: str
     # What the C-STORE-RQ said; None when the only source is the file itself (import).
     sop_class_uid: str | None = None
     sop_instance_uid: str | None = None
+    buffer: bytearray | None = None
 
 
 @dataclass
@@ -73,7 +77,9 @@ def _sha256(path: Path) -> str:
 
 
 class Ingest:
-    def __init__(self, store: BlobStore, writer: IndexWriter, executor: Executor, duplicates: str) -> None:
+    def __init__(self, store: BlobStore, writer: IndexWriter, executor: Executor, duplicates: str,
+                 spool_dir: Path) -> None:
+        self.spool_dir = spool_dir
         self.store = store
         self.writer = writer
         self.executor = executor
@@ -89,6 +95,8 @@ class Ingest:
         except OSError as exc:
             _unlink(incoming.path)
             return Outcome(*_resource_status(exc))
+        finally:
+            incoming.buffer = None
         try:
             written = await self.writer.submit(record)
         except Exception as exc:
@@ -105,7 +113,8 @@ class Ingest:
             await loop.run_in_executor(self.executor, self.store.delete, record.blob_key)
             if self.duplicates == "reject":
                 log.warning("ingest.duplicate_rejected", sop_instance_uid=uid, calling_ae=incoming.calling_ae)
-                return Outcome(DUPLICATE_REJECTED, f"SOP Instance {uid} is already stored",
+                # The meaning first: Error Comment is an LO (64 characters), a UID up to 64.
+                return Outcome(DUPLICATE_REJECTED, "duplicate: this SOP Instance UID is already stored",
                                duplicate=True)
             log.warning("ingest.duplicate_kept", sop_instance_uid=uid, calling_ae=incoming.calling_ae,
                         note="kept the copy stored first")
@@ -114,6 +123,11 @@ class Ingest:
 
     def _prepare(self, incoming: Incoming) -> IndexRecord:
         """Everything before the index, in an executor thread."""
+        digest = None
+        if incoming.buffer is not None:
+            incoming.path = self.spool_dir / f"{uuid.uuid4().hex}.spool"
+            _write_file(incoming.path, incoming.buffer)
+            digest = hashlib.sha256(incoming.buffer).hexdigest()
         path, offset, ts = incoming.path, incoming.dataset_offset, incoming.transfer_syntax
         size = path.stat().st_size
         try:
@@ -131,7 +145,7 @@ class Ingest:
             level_rows = rows(ds)
         except Exception as exc:
             raise Rejected(Status.CANNOT_UNDERSTAND, f"attribute values cannot be decoded: {exc}") from None
-        digest = _sha256(path)
+        digest = digest or _sha256(path)
         key = self.store.new_key()
         stored_size = self.store.put_from_spool(path, key)
         return IndexRecord(
@@ -174,8 +188,24 @@ def _resource_status(exc: OSError) -> tuple[int, str]:
     return Status.OUT_OF_RESOURCES, f"out of resources: {exc.strerror or exc}"
 
 
-def _unlink(path: Path) -> None:
+def _unlink(path: Path | None) -> None:
+    if path is None:
+        return
     try:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def _write_file(path: Path, data: bytearray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    except BaseException:
+        os.close(fd)
+        _unlink(path)
+        raise
+    os.close(fd)

@@ -21,6 +21,8 @@ from pacsd.ingest.dataset import build_file_meta
 from pacsd.ingest.pipeline import Incoming, Ingest
 from pacsd.services.registry import ServiceRegistry
 from pacsd.store.filetree import disk_free
+from pacsd.uid import uid_problem
+from pacsd.uid import uid_problem
 
 log = structlog.get_logger("pacsd.storage")
 
@@ -43,6 +45,10 @@ COMPRESSED_TRANSFER_SYNTAXES = [
 ]
 DEFLATED = "1.2.840.10008.1.2.1.99"
 
+# Data sets up to this size stay in memory until the pipeline writes them out in a worker
+# thread, so the event loop never opens a file for a typical instance.
+IN_MEMORY_LIMIT = 1 << 20
+
 
 def storage_sop_classes(extra: list[str] | None = None) -> list[str]:
     classes = sorted(set(_STORAGE_CLASSES.values()))
@@ -61,21 +67,26 @@ class StorageSCP:
         self.received = 0
 
     def spool_for(self, assoc, context_id: int, command: dict) -> Spool:
-        """Where the data set of this C-STORE-RQ goes: a file that starts as a Part 10 file."""
-        ts = assoc.contexts[context_id].transfer_syntax
-        meta = build_file_meta(
-            str(command.get("AffectedSOPClassUID", "")),
-            str(command.get("AffectedSOPInstanceUID", "")),
-            ts,
-            assoc.calling_ae,
-            IMPLEMENTATION_CLASS_UID,
-            IMPLEMENTATION_VERSION_NAME,
-        )
-        spool = Spool(self.spool_dir, prefix=meta, threshold=0)
+        """Where the data set of this C-STORE-RQ goes: behind its Part 10 header, in memory
+        while small (the pipeline writes it out off the event loop), in a file when large."""
+        if problem := _command_uid_problem(command):
+            # A malformed UID goes neither into the file meta nor anywhere near a path: the
+            # data set is received and dropped, and handle_c_store answers C000.
+            spool = Spool(self.spool_dir)
+            spool.refuse(Status.CANNOT_UNDERSTAND, problem)
+            return spool
+        # The calling AE goes into the file meta as Source AE Title; one that is not plain
+        # ASCII (never valid) is left out rather than refused.
+        calling = assoc.calling_ae
+        source_ae = calling if calling.isascii() and len(calling) <= 16 and "\\" not in calling else ""
+        meta = build_file_meta(command["AffectedSOPClassUID"], command["AffectedSOPInstanceUID"],
+                               assoc.contexts[context_id].transfer_syntax, source_ae,
+                               IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME)
+        spool = Spool(self.spool_dir, prefix=meta, threshold=IN_MEMORY_LIMIT)
         if self.min_free_bytes and disk_free(self.data_dir) < self.min_free_bytes:
             # Receive and drop: the sender gets A700 instead of filling the disk.
-            spool.error = OSError(28, "free space below storage.min_free_bytes")
-            spool.discard()
+            spool.refuse(Status.OUT_OF_RESOURCES,
+                         "out of resources: free disk space below storage.min_free_bytes")
         return spool
 
     async def handle_c_store(self, assoc, message: Message) -> None:
@@ -84,16 +95,22 @@ class StorageSCP:
         spool = message.dataset
         context = assoc.contexts[message.context_id]
         sop_instance = command.get("AffectedSOPInstanceUID")
-        if spool is None or spool.error is not None or spool.path is None:
-            reason = spool.error if spool is not None and spool.error else "no data set"
-            log.warning("storage.out_of_resources", peer=assoc.protocol.peer_str,
-                        calling_ae=assoc.calling_ae, sop_instance_uid=sop_instance, error=str(reason))
-            status = Status.OUT_OF_RESOURCES if spool is not None else Status.CANNOT_UNDERSTAND
-            await assoc.respond(message, status, ErrorComment=f"data set not stored: {reason}"[:64])
+        if spool is None or spool.error is not None:
+            if spool is None:
+                status, comment = Status.CANNOT_UNDERSTAND, "C-STORE-RQ without a data set"
+            elif spool.refusal is not None:
+                status, comment = spool.refusal
+            else:
+                status, comment = Status.OUT_OF_RESOURCES, f"out of resources: {spool.error.strerror or spool.error}"
+            log.warning("storage.failed", peer=assoc.protocol.peer_str, calling_ae=assoc.calling_ae,
+                        message_id=command.get("MessageID"), sop_instance_uid=sop_instance,
+                        status=describe(status), error=comment)
+            await assoc.respond(message, status, ErrorComment=comment[:64])
             return
-        message.dataset = None  # the pipeline owns the spool file from here
+        message.dataset = None  # the pipeline owns the spooled bytes from here
         outcome = await self.ingest.ingest(Incoming(
             path=spool.path,
+            buffer=spool.take_buffer() if spool.in_memory else None,
             dataset_offset=spool.prefix_length,
             transfer_syntax=context.transfer_syntax,
             calling_ae=assoc.calling_ae,
@@ -111,6 +128,11 @@ class StorageSCP:
             log.debug("storage.stored", calling_ae=assoc.calling_ae, sop_instance_uid=sop_instance,
                       bytes=spool.size, duplicate=outcome.duplicate,
                       ms=round((time.perf_counter() - started) * 1000, 2))
+
+
+def _command_uid_problem(command: dict) -> str | None:
+    return (uid_problem("Affected SOP Class UID", command.get("AffectedSOPClassUID"))
+            or uid_problem("Affected SOP Instance UID", command.get("AffectedSOPInstanceUID")))
 
 
 def register(registry: ServiceRegistry, scp: StorageSCP, transfer_syntaxes: list[str],
