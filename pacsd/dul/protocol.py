@@ -121,6 +121,12 @@ class UpperLayerProtocol(asyncio.Protocol):
             self.framer.feed(data, self._pdu_received)
         except pdu.PDUError as exc:
             self._protocol_error(exc)
+        except Exception:
+            # A bug of ours met by what this peer sent: this association ends, the
+            # listener and every other association go on.
+            log.exception("association.internal_error", peer=self.peer_str,
+                          state=self.machine.state.name)
+            self._protocol_error(pdu.PDUError("internal error", pdu.ABORT_REASON_NOT_SPECIFIED))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timers()
