@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from pydicom import Dataset
+from pydicom import DataElement, Dataset
 
 # Values larger than this stay in the blob only (pixel data never reaches here).
 INLINE_LIMIT = 8 * 1024
@@ -101,8 +101,27 @@ def level_json(ds: Dataset) -> dict[str, str]:
     return out
 
 
+def _tolerate_bad_values(ds: Dataset) -> None:
+    """Turn elements whose value pydicom cannot convert into UN holding the bytes received.
+
+    Modalities do send an IS of "1A" or a DS of "1,5"; the blob keeps them as received, and
+    the index must not refuse the whole instance for one value it cannot read.
+    """
+    for tag in list(ds.keys()):
+        try:
+            element = ds[tag]
+        except Exception:
+            raw = ds.get_item(tag)
+            ds[tag] = DataElement(tag, "UN", raw.value if isinstance(raw.value, bytes) else b"")
+            continue
+        if element.VR == "SQ" and element.value is not None:
+            for item in element.value:
+                _tolerate_bad_values(item)
+
+
 def rows(ds: Dataset) -> LevelRows:
     """Column values for each level's row; `attrs` holds that level's DICOM JSON."""
+    _tolerate_bad_values(ds)
     attrs = level_json(ds)
     patient = {
         "patient_id": _text(ds, "PatientID", 64),
