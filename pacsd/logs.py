@@ -29,5 +29,18 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
-    # pynetdicom and friends log through the standard library; keep them quiet.
-    logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr)
+    # pydicom, pynetdicom and Python warnings log through the standard library: render
+    # them with the same processors, so a JSON log stays all JSON.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            renderer,
+        ],
+        foreign_pre_chain=[structlog.stdlib.add_log_level, structlog.stdlib.add_logger_name],
+    ))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(max(numeric, logging.WARNING))
+    logging.captureWarnings(True)

@@ -11,7 +11,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from pydicom import DataElement, Dataset
+import structlog
+from pydicom import Dataset
+
+log = structlog.get_logger("pacsd.index")
 
 # Values larger than this stay in the blob only (pixel data never reaches here).
 INLINE_LIMIT = 8 * 1024
@@ -101,28 +104,38 @@ def level_json(ds: Dataset) -> dict[str, str]:
     return out
 
 
-def _tolerate_bad_values(ds: Dataset) -> None:
-    """Turn elements whose value pydicom cannot convert into UN holding the bytes received.
+def _drop_unreadable(ds: Dataset) -> list[str]:
+    """Remove the elements whose value pydicom cannot convert; return their tags.
 
-    Modalities do send an IS of "1A" or a DS of "1,5"; the blob keeps them as received, and
-    the index must not refuse the whole instance for one value it cannot read.
+    Modalities do send an IS of "1A" or a DS of "1,5". The blob keeps them as received; the
+    index leaves them out rather than refuse the whole instance for one value.
     """
+    dropped: list[str] = []
     for tag in list(ds.keys()):
         try:
             element = ds[tag]
+            if element.VR == "SQ":
+                for item in element.value or []:
+                    dropped += _drop_unreadable(item)
+            else:
+                element.to_json_dict(INLINE_LIMIT, lambda el: "")
         except Exception:
-            raw = ds.get_item(tag)
-            ds[tag] = DataElement(tag, "UN", raw.value if isinstance(raw.value, bytes) else b"")
-            continue
-        if element.VR == "SQ" and element.value is not None:
-            for item in element.value:
-                _tolerate_bad_values(item)
+            del ds[tag]
+            dropped.append(str(tag))
+    return dropped
 
 
 def rows(ds: Dataset) -> LevelRows:
     """Column values for each level's row; `attrs` holds that level's DICOM JSON."""
-    _tolerate_bad_values(ds)
-    attrs = level_json(ds)
+    try:
+        attrs = level_json(ds)
+    except Exception:
+        dropped = _drop_unreadable(ds)
+        if not dropped:
+            raise
+        log.warning("index.unreadable_values_left_out", tags=dropped,
+                    sop_instance_uid=str(ds.get("SOPInstanceUID", "")))
+        attrs = level_json(ds)
     patient = {
         "patient_id": _text(ds, "PatientID", 64),
         "issuer_of_patient_id": _text(ds, "IssuerOfPatientID", 64),

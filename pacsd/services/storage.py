@@ -22,7 +22,6 @@ from pacsd.ingest.pipeline import Incoming, Ingest
 from pacsd.services.registry import ServiceRegistry
 from pacsd.store.filetree import disk_free
 from pacsd.uid import uid_problem
-from pacsd.uid import uid_problem
 
 log = structlog.get_logger("pacsd.storage")
 
