@@ -87,36 +87,51 @@ class Daemon:
         return self.proc.poll() is None
 
 
+def launch_daemon(base: Path, name: str, config_text: str | None = None, **settings: str) -> Daemon:
+    """`pacsd serve` in a subprocess, data in base/name, log (JSON lines) in base/name.log.
+
+    Settings are PACSD_* overrides without the prefix: DICOM__ARTIM_TIMEOUT="1" becomes
+    PACSD_DICOM__ARTIM_TIMEOUT=1. `config_text` is written to base/name.toml and passed
+    with --config.
+    """
+    base = Path(base)
+    port = free_port()
+    data_dir = base / name
+    env = dict(os.environ)
+    env.update({
+        "PACSD_DICOM__PORT": str(port),
+        "PACSD_DICOM__BIND": "127.0.0.1",
+        "PACSD_STORAGE__DATA_DIR": str(data_dir),
+        "PACSD_DATABASE__URL": f"sqlite+aiosqlite:///{data_dir}/index.db",
+        "PACSD_LOGGING__FORMAT": "json",
+        "PACSD_LOGGING__LEVEL": "debug",
+    })
+    env.update({f"PACSD_{key.upper()}": str(value) for key, value in settings.items()})
+    args = [sys.executable, "-m", "pacsd", "serve"]
+    if config_text is not None:
+        config = base / f"{name}.toml"
+        config.write_text(config_text)
+        args += ["--config", str(config)]
+    log_path = base / f"{name}.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
+    daemon = Daemon(port, data_dir, proc, log_path, env)
+    try:
+        wait_for_port(port, proc)
+    except BaseException:
+        daemon.stop()
+        raise
+    return daemon
+
+
 @pytest.fixture
 def start_daemon(tmp_path):
-    """Start `pacsd serve` in a subprocess with settings given as PACSD_* env overrides."""
+    """Start `pacsd serve` for this test; stopped (SIGTERM) when the test ends."""
     started: list[Daemon] = []
 
     def start(config_text: str | None = None, **settings: str) -> Daemon:
-        port = free_port()
-        data_dir = tmp_path / f"data{len(started)}"
-        env = dict(os.environ)
-        env.update({
-            "PACSD_DICOM__PORT": str(port),
-            "PACSD_DICOM__BIND": "127.0.0.1",
-            "PACSD_STORAGE__DATA_DIR": str(data_dir),
-            "PACSD_DATABASE__URL": f"sqlite+aiosqlite:///{data_dir}/index.db",
-            "PACSD_LOGGING__FORMAT": "json",
-            "PACSD_LOGGING__LEVEL": "debug",
-        })
-        for key, value in settings.items():
-            env[f"PACSD_{key.upper()}"] = str(value)
-        args = [sys.executable, "-m", "pacsd", "serve"]
-        if config_text is not None:
-            config = tmp_path / f"pacsd{len(started)}.toml"
-            config.write_text(config_text)
-            args += ["--config", str(config)]
-        log_path = tmp_path / f"pacsd{len(started)}.log"
-        log = open(log_path, "w")
-        proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
-        daemon = Daemon(port, data_dir, proc, log_path, env)
+        daemon = launch_daemon(tmp_path, f"pacsd{len(started)}", config_text, **settings)
         started.append(daemon)
-        wait_for_port(port, proc)
         return daemon
 
     yield start

@@ -285,37 +285,7 @@ class RawAssociation:
 # --- a daemon of a test module's own ------------------------------------------------------
 
 
-def launch_daemon(base: Path, name: str, **settings: str):
-    """`pacsd serve` with its data in base/name and its log in base/name.log.
-
-    For module-scoped daemons (conftest's start_daemon is per test). Settings are given as
-    in start_daemon: STORAGE__DUPLICATES="overwrite" becomes PACSD_STORAGE__DUPLICATES.
-    """
-    from tests.conftest import Daemon, free_port, wait_for_port
-
-    port = free_port()
-    data_dir = Path(base) / name
-    env = dict(os.environ)
-    env.update({
-        "PACSD_DICOM__PORT": str(port),
-        "PACSD_DICOM__BIND": "127.0.0.1",
-        "PACSD_STORAGE__DATA_DIR": str(data_dir),
-        "PACSD_DATABASE__URL": f"sqlite+aiosqlite:///{data_dir}/index.db",
-        "PACSD_LOGGING__FORMAT": "json",
-        "PACSD_LOGGING__LEVEL": "debug",
-    })
-    env.update({f"PACSD_{key.upper()}": str(value) for key, value in settings.items()})
-    log_path = Path(base) / f"{name}.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "pacsd", "serve"], env=env,
-                                stdout=log, stderr=subprocess.STDOUT)
-    daemon = Daemon(port, data_dir, proc, log_path, env)
-    try:
-        wait_for_port(port, proc)
-    except BaseException:
-        daemon.stop()
-        raise
-    return daemon
+from tests.conftest import launch_daemon  # noqa: E402,F401  (module-scoped daemons)
 
 
 # --- the index and the blob store ---------------------------------------------------------

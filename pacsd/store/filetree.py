@@ -66,7 +66,8 @@ def _copy_file(src_fd: int, dst_fd: int) -> None:
             view = view[written:]
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a directory's entries (a new, renamed or removed name) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -106,7 +107,7 @@ class FileTreeBlobStore(BlobStore):
         self._lock = threading.Lock()
         if not os.path.isdir(self._root):
             self.root.mkdir(parents=True, exist_ok=True)
-            _fsync_dir(os.path.dirname(os.path.abspath(self._root)))
+            fsync_dir(os.path.dirname(os.path.abspath(self._root)))
 
     # -- keys and paths ------------------------------------------------------------------
 
@@ -218,7 +219,7 @@ class FileTreeBlobStore(BlobStore):
                 created.add(day)
                 to_sync.add(self._root)
         for directory in to_sync:
-            _fsync_dir(directory)
+            fsync_dir(directory)
         # Forget created directories only once their parents are fsynced: a concurrent sync
         # that still sees them pending fsyncs the parent again, which is harmless.
         if created:
@@ -231,7 +232,7 @@ class FileTreeBlobStore(BlobStore):
             os.unlink(path)
         except (FileNotFoundError, NotADirectoryError):
             return False
-        _fsync_dir(os.path.dirname(path))
+        fsync_dir(os.path.dirname(path))
         return True
 
     # -- reading -------------------------------------------------------------------------

@@ -36,7 +36,7 @@ import sqlalchemy as sa
 from pacsd.config import Settings
 from pacsd.index.schema import instances
 from pacsd.index.writer import recount
-from pacsd.store.filetree import SUFFIX, FileTreeBlobStore, validate_key
+from pacsd.store.filetree import SUFFIX, FileTreeBlobStore, fsync_dir, validate_key
 
 
 class VerifyError(Exception):
@@ -116,14 +116,6 @@ def _orphan_path(orphans: Path, key: str) -> Path:
     return candidate
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _move(src: Path, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -134,9 +126,9 @@ def _move(src: Path, dest: Path) -> None:
         shutil.copy2(src, dest)
         with open(dest, "rb") as f:
             os.fsync(f.fileno())
-    _fsync_dir(dest.parent)
+    fsync_dir(dest.parent)
     os.unlink(src)
-    _fsync_dir(src.parent)
+    fsync_dir(src.parent)
 
 
 async def verify(

@@ -15,12 +15,10 @@ exchange and the log lines tied to it by the connection's address, and run echos
 from __future__ import annotations
 
 import itertools
-import os
 import random
 import socket
 import struct
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,7 +28,7 @@ import pytest
 
 from pacsd.dimse import command as dimse_command
 from pacsd.dul.negotiation import ProposedContext, build_request
-from tests.conftest import Daemon, dcmtk, free_port, recv_exactly, recv_pdu, wait_for_port
+from tests.conftest import Daemon, dcmtk, launch_daemon, recv_exactly, recv_pdu
 
 VERIFICATION = "1.2.840.10008.1.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
@@ -54,28 +52,9 @@ _echo_numbers = itertools.count(1)
 
 @pytest.fixture(scope="module")
 def pacs(tmp_path_factory) -> Daemon:
-    base = tmp_path_factory.mktemp("bad-input")
-    port = free_port()
-    data_dir = base / "data"
-    env = dict(os.environ)
-    env.update({
-        "PACSD_DICOM__PORT": str(port),
-        "PACSD_DICOM__BIND": "127.0.0.1",
-        "PACSD_DICOM__ARTIM_TIMEOUT": str(ARTIM),
-        "PACSD_DICOM__MAX_PDU_LENGTH": str(MAX_PDU),
-        "PACSD_STORAGE__DATA_DIR": str(data_dir),
-        "PACSD_DATABASE__URL": f"sqlite+aiosqlite:///{data_dir}/index.db",
-        "PACSD_LOGGING__FORMAT": "json",
-        "PACSD_LOGGING__LEVEL": "debug",
-    })
-    log_path = base / "pacsd.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pacsd", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-    daemon = Daemon(port, data_dir, proc, log_path, env)
+    daemon = launch_daemon(tmp_path_factory.mktemp("bad-input"), "data",
+                           DICOM__ARTIM_TIMEOUT=str(ARTIM), DICOM__MAX_PDU_LENGTH=str(MAX_PDU))
     try:
-        wait_for_port(port, proc)
         yield daemon
     finally:
         daemon.stop()
