@@ -333,5 +333,8 @@ def verify_(config_file: Path | None, repair: bool, quick: bool, limit: int) -> 
     sys.exit(1 if report.remaining else 0)
 
 
+# The Query/Retrieve commands live in their own module; importing it adds them to `main`.
+from pacsd import cli_qr  # noqa: E402,F401
+
 if __name__ == "__main__":  # pragma: no cover
     main()
