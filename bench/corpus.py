@@ -1,6 +1,6 @@
 """Deterministic benchmark corpora: the same bytes on every run and every machine.
 
-    python bench/corpus.py DIR            # small (2,000 CT 64x64) and large (200 CT 512x512)
+    python bench/corpus.py DIR            # small (2,000 CT 64x64) and ct512 (one study, 200 CT 512x512)
     python bench/corpus.py DIR --huge     # also one 1 GiB multi-frame instance
 
 Files are written with pydicom, except the pixel data of the huge instance, which is
@@ -124,7 +124,7 @@ def main() -> None:
     parser.add_argument("--huge", action="store_true", help="also write the 1 GiB instance")
     args = parser.parse_args()
     small = write_ct(args.directory / "small", "small", 2000, 64, 20)
-    large = write_ct(args.directory / "large", "large", 200, 512, 2)
+    large = write_ct(args.directory / "ct512", "ct512", 200, 512, 1)
     print(f"{len(small)} small and {len(large)} large CT instances in {args.directory}")
     if args.huge:
         print(f"huge instance: {write_huge(args.directory / 'huge')}")

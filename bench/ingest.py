@@ -191,7 +191,7 @@ def main() -> None:
         if not Path(tool).exists():
             sys.exit(f"{tool} is missing: apt-get install dcmtk")
     small = corpus_mod.write_ct(args.corpus / "small", "small", 2000, 64, 20)
-    large = corpus_mod.write_ct(args.corpus / "large", "large", 200, 512, 2)
+    large = corpus_mod.write_ct(args.corpus / "ct512", "ct512", 200, 512, 1)
     workdir = args.work or Path(tempfile.mkdtemp(prefix="pacsd-bench-"))
     rows: list[Row] = []
     print(f"corpus in {args.corpus}, servers in {workdir}")

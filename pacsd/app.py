@@ -15,7 +15,7 @@ from pacsd.index.db import create_engine, ensure_schema
 from pacsd.index.writer import IndexWriter
 from pacsd.ingest.pipeline import Ingest
 from pacsd.net.acceptor import DicomServer
-from pacsd.services import storage, verification
+from pacsd.services import qr_find, qr_retrieve, storage, verification
 from pacsd.services.registry import ServiceRegistry
 from pacsd.store.filetree import FileTreeBlobStore
 
@@ -58,6 +58,8 @@ def build_registry(settings: Settings, archive: Archive | None = None) -> Servic
         scp = storage.StorageSCP(archive.ingest, settings.storage.spool_dir, settings.storage.data_dir,
                                  settings.storage.min_free_bytes)
         storage.register(registry, scp, settings.dicom.transfer_syntaxes, settings.storage.extra_sop_classes)
+        qr_find.register(registry, archive, settings)
+        qr_retrieve.register(registry, archive, settings)
     return registry
 
 

@@ -8,13 +8,10 @@ from a number alone.
 from __future__ import annotations
 
 import hashlib
-import os
 import random
 import socket
 import sqlite3
 import struct
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Iterable
 

@@ -130,7 +130,6 @@ class IndexWriter:
         return await record.future
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         stopping = False
         while not stopping:
             first = await self._queue.get()

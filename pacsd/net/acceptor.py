@@ -34,6 +34,7 @@ class DicomServer:
             supported=registry.syntaxes,
             max_pdu_length=dicom.max_pdu_length,
             user_identity=dicom.user_identity,
+            roles=registry.roles,
         )
         self.associations: set[Association] = set()
         self._server: asyncio.base_events.Server | None = None

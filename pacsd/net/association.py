@@ -94,6 +94,9 @@ class Association:
         # requestor: responses per message ID; acceptor: cancel flags per message ID
         self._waiters: dict[int, asyncio.Queue[Message | None]] = {}
         self.cancelled: set[int] = set()
+        # acceptor: Message IDs of the requests queued or being served (what a C-CANCEL may name)
+        self._open_requests: set[int] = set()
+        self._send_lock = asyncio.Lock()
         # acceptor side
         self._requests: asyncio.Queue[Message | None] = asyncio.Queue()
         self._worker: asyncio.Task | None = None
@@ -189,7 +192,11 @@ class Association:
         field = message.command_field
         if cmd.is_request(field):
             if field == cmd.CommandField.C_CANCEL_RQ:
-                self.cancelled.add(message.command.get("MessageIDBeingRespondedTo", -1))
+                # Only for a request still queued or running: a C-CANCEL that crosses the
+                # final response must not cancel a later request reusing the Message ID.
+                target = message.command.get("MessageIDBeingRespondedTo", -1)
+                if target in self._open_requests:
+                    self.cancelled.add(target)
                 return
             if self.is_requestor and self.dispatch is None:
                 # A request on an association we opened (e.g. N-EVENT-REPORT) with no
@@ -197,6 +204,7 @@ class Association:
                 message.discard()
                 self.loop.create_task(self.respond(message, Status.UNRECOGNIZED_OPERATION))
                 return
+            self._open_requests.add(message.command.get("MessageID", -1))
             self._requests.put_nowait(message)
             if self._requests.qsize() > 4:
                 # The peer ignores the 1/1 operations window: stop reading until we catch up.
@@ -233,6 +241,7 @@ class Association:
             finally:
                 message.discard()
                 self.cancelled.discard(message.command.get("MessageID", -1))
+                self._open_requests.discard(message.command.get("MessageID", -1))
                 self._busy = False
             self._maybe_release()
 
@@ -279,7 +288,21 @@ class Association:
         command: dict[str, Any],
         dataset: bytes | memoryview | Path | Spool | None = None,
     ) -> None:
-        """Send one DIMSE message, fragmented to the peer's maximum PDU length."""
+        """Send one DIMSE message, fragmented to the peer's maximum PDU length.
+
+        Messages go out whole, one after the other: a message sent while a data set is
+        still streaming (a pending C-GET response between C-STORE sub-operations) waits
+        for it, so fragments of two messages never interleave on the association.
+        """
+        async with self._send_lock:
+            await self._send(context_id, command, dataset)
+
+    async def _send(
+        self,
+        context_id: int,
+        command: dict[str, Any],
+        dataset: bytes | memoryview | Path | Spool | None,
+    ) -> None:
         protocol = self.protocol
         if protocol.state not in (State.STA6, State.STA8):
             raise AssociationAborted(f"cannot send in {protocol.state.name}")
@@ -342,7 +365,9 @@ class Association:
         dataset: bytes | Path | None = None,
     ) -> AsyncIterator[Message]:
         """Send a request; yield each response until the final (non-pending) one."""
-        message_id = command.setdefault("MessageID", self.next_message_id())
+        if "MessageID" not in command:
+            command["MessageID"] = self.next_message_id()
+        message_id = command["MessageID"]
         queue: asyncio.Queue[Message | None] = asyncio.Queue()
         self._waiters[message_id] = queue
         try:

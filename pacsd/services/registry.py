@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 import structlog
 
@@ -13,7 +13,8 @@ from pacsd.dimse.status import Status
 
 log = structlog.get_logger("pacsd.services")
 
-Handler = Callable[["Association", Message], Awaitable[None]]  # noqa: F821
+# (association, request) -> None; the Association is pacsd.net.association.Association.
+Handler = Callable[[Any, Message], Awaitable[None]]
 
 
 @dataclass
@@ -25,6 +26,10 @@ class ServiceRegistry:
     # (abstract syntax, command field) -> factory(assoc, context_id, command) -> Spool, for
     # services that want a request's data set spooled their own way (storage: Part 10).
     spool_factories: dict[tuple[str, int], Callable] = field(default_factory=dict)
+    # SOP classes for which pacsd accepts SCP/SCU role selection: abstract syntax ->
+    # (scu_role, scp_role) it agrees to for the requestor (C-GET needs scp_role=True on the
+    # storage classes, so that pacsd can send the C-STORE sub-operations back).
+    roles: dict[str, tuple[bool, bool]] = field(default_factory=dict)
 
     def add(self, sop_class: str, transfer_syntaxes: list[str], command_field: int, handler: Handler) -> None:
         self.syntaxes.setdefault(sop_class, list(transfer_syntaxes))

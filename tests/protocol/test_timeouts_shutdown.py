@@ -15,7 +15,7 @@ from pacsd.dul.negotiation import ProposedContext, build_request
 from pacsd.net.association import DIMSETimeout
 from pacsd.net.requestor import associate
 from pacsd.services.verification import VERIFICATION_SOP_CLASS, c_echo
-from tests.conftest import recv_pdu, wait_closed
+from tests.conftest import recv_pdu
 from tests.protocol.test_release import build_ac, read_pdu
 
 ECHO = [ProposedContext(VERIFICATION_SOP_CLASS, ["1.2.840.10008.1.2"])]
