@@ -14,6 +14,8 @@ from typing import Any
 import structlog
 from pydicom import Dataset
 
+from pacsd.index.dicomjson import to_json_dict
+
 log = structlog.get_logger("pacsd.index")
 
 # Values larger than this stay in the blob only (pixel data never reaches here).
@@ -58,41 +60,49 @@ class LevelRows:
     instance: dict[str, Any]
 
 
-def _text(ds: Dataset, keyword: str, limit: int) -> str:
-    value = ds.get(keyword)
-    if value is None:
+def _value_text(value: Any) -> str:
+    if isinstance(value, dict):  # PN: component groups, trailing empty ones dropped
+        groups = [value.get(k, "") for k in ("Alphabetic", "Ideographic", "Phonetic")]
+        while groups and not groups[-1]:
+            groups.pop()
+        return "=".join(groups)
+    return "" if value is None else str(value)
+
+
+def _text(whole: dict, tag: int, limit: int) -> str:
+    """A column's text from the instance's DICOM JSON (values joined by backslashes)."""
+    entry = whole.get(f"{tag:08X}")
+    if not entry or "Value" not in entry:
         return ""
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        text = "\\".join(str(v) for v in value)
-    else:
-        text = str(value)
-    return text[:limit]
+    return "\\".join(_value_text(v) for v in entry["Value"])[:limit]
 
 
-def _int(ds: Dataset, keyword: str) -> int | None:
-    value = ds.get(keyword)
-    if value in (None, ""):
+def _int(whole: dict, tag: int) -> int | None:
+    entry = whole.get(f"{tag:08X}")
+    if not entry or not entry.get("Value"):
         return None
     try:
-        if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-            value = value[0]
-        number = int(value)
+        number = int(entry["Value"][0])
     except (TypeError, ValueError):
         return None
     return number if -(2**31) <= number < 2**31 else None
 
 
-def level_json(ds: Dataset) -> dict[str, str]:
-    """DICOM JSON (PS3.18 F.2) per level, without large binary values.
+def whole_json(ds: Dataset) -> dict[str, Any]:
+    """The header as one DICOM JSON object (PS3.18 F.2), without large binary values."""
+    return to_json_dict(ds, INLINE_LIMIT, _drop_bulk)
+
+
+def level_json(whole: dict[str, Any]) -> dict[str, str]:
+    """That object split by level and serialised, one string per level.
 
     One conversion of the whole header, split by tag afterwards: converting per level costs
     twice as much on the ingest path.
     """
-    whole = ds.to_json_dict(INLINE_LIMIT, _drop_bulk)
     split: dict[str, dict] = {"patient": {}, "study": {}, "series": {}, "instance": {}}
-    charset = whole.pop("00080005", None)
+    charset = whole.get("00080005")
     for key, value in whole.items():
-        if "BulkDataURI" in value:  # a large binary value: it stays in the blob only
+        if "BulkDataURI" in value or key == "00080005":  # large binary values stay in the blob
             continue
         tag = int(key, 16)
         if tag >> 16 != 0x0002:
@@ -135,52 +145,53 @@ def _drop_unreadable(ds: Dataset) -> list[str]:
 def rows(ds: Dataset) -> LevelRows:
     """Column values for each level's row; `attrs` holds that level's DICOM JSON."""
     try:
-        attrs = level_json(ds)
+        whole = whole_json(ds)
     except Exception:
         dropped = _drop_unreadable(ds)
         if not dropped:
             raise
         log.warning("index.unreadable_values_left_out", tags=dropped,
                     sop_instance_uid=str(ds.get("SOPInstanceUID", "")))
-        attrs = level_json(ds)
+        whole = whole_json(ds)
+    attrs = level_json(whole)
     patient = {
-        "patient_id": _text(ds, "PatientID", 64),
-        "issuer_of_patient_id": _text(ds, "IssuerOfPatientID", 64),
-        "patient_name": _text(ds, "PatientName", 324),
-        "patient_birth_date": _text(ds, "PatientBirthDate", 8),
-        "patient_birth_time": _text(ds, "PatientBirthTime", 16),
-        "patient_sex": _text(ds, "PatientSex", 16),
+        "patient_id": _text(whole, 0x00100020, 64),
+        "issuer_of_patient_id": _text(whole, 0x00100021, 64),
+        "patient_name": _text(whole, 0x00100010, 324),
+        "patient_birth_date": _text(whole, 0x00100030, 8),
+        "patient_birth_time": _text(whole, 0x00100032, 16),
+        "patient_sex": _text(whole, 0x00100040, 16),
         "attrs": attrs["patient"],
     }
     study = {
-        "study_instance_uid": _text(ds, "StudyInstanceUID", 64),
-        "study_date": _text(ds, "StudyDate", 8),
-        "study_time": _text(ds, "StudyTime", 16),
-        "accession_number": _text(ds, "AccessionNumber", 16),
-        "study_id": _text(ds, "StudyID", 16),
-        "referring_physician_name": _text(ds, "ReferringPhysicianName", 324),
-        "study_description": _text(ds, "StudyDescription", 64),
+        "study_instance_uid": _text(whole, 0x0020000D, 64),
+        "study_date": _text(whole, 0x00080020, 8),
+        "study_time": _text(whole, 0x00080030, 16),
+        "accession_number": _text(whole, 0x00080050, 16),
+        "study_id": _text(whole, 0x00200010, 16),
+        "referring_physician_name": _text(whole, 0x00080090, 324),
+        "study_description": _text(whole, 0x00081030, 64),
         "attrs": attrs["study"],
     }
     series = {
-        "series_instance_uid": _text(ds, "SeriesInstanceUID", 64),
-        "modality": _text(ds, "Modality", 16),
-        "series_number": _int(ds, "SeriesNumber"),
-        "series_description": _text(ds, "SeriesDescription", 64),
-        "series_date": _text(ds, "SeriesDate", 8),
-        "series_time": _text(ds, "SeriesTime", 16),
-        "body_part_examined": _text(ds, "BodyPartExamined", 16),
-        "performed_procedure_step_start_date": _text(ds, "PerformedProcedureStepStartDate", 8),
-        "performed_procedure_step_start_time": _text(ds, "PerformedProcedureStepStartTime", 16),
+        "series_instance_uid": _text(whole, 0x0020000E, 64),
+        "modality": _text(whole, 0x00080060, 16),
+        "series_number": _int(whole, 0x00200011),
+        "series_description": _text(whole, 0x0008103E, 64),
+        "series_date": _text(whole, 0x00080021, 8),
+        "series_time": _text(whole, 0x00080031, 16),
+        "body_part_examined": _text(whole, 0x00180015, 16),
+        "performed_procedure_step_start_date": _text(whole, 0x00400244, 8),
+        "performed_procedure_step_start_time": _text(whole, 0x00400245, 16),
         "attrs": attrs["series"],
     }
     instance = {
-        "sop_instance_uid": _text(ds, "SOPInstanceUID", 64),
-        "sop_class_uid": _text(ds, "SOPClassUID", 64),
-        "instance_number": _int(ds, "InstanceNumber"),
-        "content_date": _text(ds, "ContentDate", 8),
-        "content_time": _text(ds, "ContentTime", 16),
-        "number_of_frames": _int(ds, "NumberOfFrames"),
+        "sop_instance_uid": _text(whole, 0x00080018, 64),
+        "sop_class_uid": _text(whole, 0x00080016, 64),
+        "instance_number": _int(whole, 0x00200013),
+        "content_date": _text(whole, 0x00080023, 8),
+        "content_time": _text(whole, 0x00080033, 16),
+        "number_of_frames": _int(whole, 0x00280008),
         "attrs": attrs["instance"],
     }
     return LevelRows(patient, study, series, instance)
