@@ -121,10 +121,29 @@ class LoggingSettings(Section):
     format: Literal["auto", "json", "console"] = "auto"
 
 
+class CommitmentSettings(Section):
+    # Seconds before the first retry of an undelivered N-EVENT-REPORT; doubled on each try.
+    retry_seconds: float = Field(5.0, gt=0)
+    # Longest wait between two tries.
+    max_retry_seconds: float = Field(600.0, gt=0)
+    # An undelivered report is given up (logged, state "expired") after this many seconds.
+    expire_seconds: float = Field(7 * 24 * 3600.0, gt=0)
+
+
+class IanSettings(Section):
+    # An IAN goes out once a study has had no new instance for this many seconds.
+    study_quiet_seconds: float = Field(30.0, ge=0)
+    retry_seconds: float = Field(10.0, gt=0)
+    max_retry_seconds: float = Field(600.0, gt=0)
+    expire_seconds: float = Field(7 * 24 * 3600.0, gt=0)
+
+
 class Peer(Section):
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
+    # Send this peer Instance Availability Notifications (a RIS, another archive).
+    ian: bool = False
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: check_ae_title(v)))
 
@@ -145,6 +164,8 @@ class Settings(BaseSettings):
     storage: StorageSettings = Field(default_factory=StorageSettings)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    commitment: CommitmentSettings = Field(default_factory=CommitmentSettings)
+    ian: IanSettings = Field(default_factory=IanSettings)
     peers: list[Peer] = Field(default_factory=list)
 
     @classmethod

@@ -106,3 +106,44 @@ instances = sa.Table(
     sa.Column("calling_ae", _s(16), nullable=False, server_default=""),
     sa.Column("attrs", sa.Text, nullable=False),
 )
+
+# Storage Commitment (PS3.4 Annex J): a transaction is persisted before its N-ACTION-RSP,
+# and stays until its N-EVENT-REPORT was delivered or it expired.
+commitment_transactions = sa.Table(
+    "commitment_transactions",
+    metadata,
+    sa.Column("pk", sa.Integer, primary_key=True),
+    sa.Column("transaction_uid", _s(64), nullable=False, unique=True),
+    sa.Column("calling_ae", _s(16), nullable=False),
+    # JSON list of [SOP Class UID, SOP Instance UID] as requested
+    sa.Column("requested", sa.Text, nullable=False),
+    # JSON of the report once computed: {"success": [[cls, inst]], "failed": [[cls, inst, reason]]}
+    sa.Column("result", sa.Text, nullable=True),
+    # pending (not yet reported) | delivered | expired
+    sa.Column("state", _s(16), nullable=False, index=True),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("next_attempt_at", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("last_error", sa.Text, nullable=False, server_default=""),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+# Instance Availability Notification (PS3.4 Annex R) to each peer with ian = true: one row per
+# (study, peer) while an IAN is owed; a later instance of the study makes it due again.
+ian_outbox = sa.Table(
+    "ian_outbox",
+    metadata,
+    sa.Column("pk", sa.Integer, primary_key=True),
+    sa.Column("study_instance_uid", _s(64), nullable=False),
+    sa.Column("peer_ae", _s(16), nullable=False),
+    # pending | delivered | expired
+    sa.Column("state", _s(16), nullable=False, index=True),
+    # the study must be quiet until then ([ian] study_quiet_seconds after its last instance)
+    sa.Column("due_at", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("next_attempt_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("last_error", sa.Text, nullable=False, server_default=""),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.UniqueConstraint("study_instance_uid", "peer_ae", name="uq_ian_outbox_study_peer"),
+)

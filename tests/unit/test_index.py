@@ -268,7 +268,8 @@ async def test_upgrade_creates_the_schema_of_schema_py(index_url):
 
         async with eng.connect() as conn:
             found, diff = await conn.run_sync(inspect)
-        assert set(found) == {"patients", "studies", "series", "instances", "alembic_version"}
+        assert set(found) == {"patients", "studies", "series", "instances", "alembic_version",
+                              "commitment_transactions", "ian_outbox"}
         for table in metadata.sorted_tables:
             columns, indexed, uniques = found[table.name]
             assert columns == {c.name for c in table.columns}, table.name
