@@ -34,6 +34,7 @@ A data set cut off exactly between two top-level elements is structurally comple
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -720,7 +721,7 @@ def check_structure(f: BinaryIO, start: int, end: int, transfer_syntax: str,
         walker.dataset(enc, end, _MODE_EXACT, 0, "the data set")
 
 
-def read_header(path: Path, offset: int, transfer_syntax: str, *,
+def read_header(path: Path | BinaryIO, offset: int, transfer_syntax: str, *,
                 max_value: int = MAX_HEADER_VALUE, max_header: int = MAX_HEADER_BYTES,
                 max_depth: int = 16) -> tuple[pydicom.Dataset, int | None]:
     """The data set's elements before the pixel data, and where the pixel data element starts.
@@ -747,8 +748,9 @@ def read_header(path: Path, offset: int, transfer_syntax: str, *,
     the walk needs.
     """
     enc, deflated = _encoding_for(transfer_syntax)
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
+    # `path` may also be an open binary file (the ingest passes the bytes it still holds).
+    with (open(path, "rb") if isinstance(path, (str, os.PathLike)) else contextlib.nullcontext(path)) as f:
+        size = f.seek(0, os.SEEK_END)
         if not 0 <= offset <= size:
             raise DataSetError(f"data set offset {offset} is outside the {size}-byte file")
         if deflated:

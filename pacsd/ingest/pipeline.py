@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import hashlib
+import io
 import os
 import uuid
 from concurrent.futures import Executor
@@ -123,17 +124,17 @@ class Ingest:
 
     def _prepare(self, incoming: Incoming) -> IndexRecord:
         """Everything before the index, in an executor thread."""
-        digest = None
-        if incoming.buffer is not None:
-            incoming.path = self.spool_dir / f"{uuid.uuid4().hex}.spool"
-            _write_file(incoming.path, incoming.buffer)
-            digest = hashlib.sha256(incoming.buffer).hexdigest()
-        path, offset, ts = incoming.path, incoming.dataset_offset, incoming.transfer_syntax
-        size = path.stat().st_size
+        offset, ts, buffer = incoming.dataset_offset, incoming.transfer_syntax, incoming.buffer
+        # A small instance is still in memory: parse it there, and write the file only once
+        # it passed (a refused instance never touches the disk).
+        source = io.BytesIO(buffer) if buffer is not None else incoming.path
         try:
-            with open(path, "rb") as f:
-                check_structure(f, offset, size, ts)
-            ds, _pixel_offset = read_header(path, offset, ts)
+            if buffer is not None:
+                check_structure(source, offset, len(buffer), ts)
+            else:
+                with open(source, "rb") as f:
+                    check_structure(f, offset, source.stat().st_size, ts)
+            ds, _pixel_offset = read_header(source, offset, ts)
         except DataSetError as exc:
             raise Rejected(Status.CANNOT_UNDERSTAND, f"data set cannot be parsed: {exc}") from None
         except OSError:
@@ -145,7 +146,13 @@ class Ingest:
             level_rows = rows(ds)
         except Exception as exc:
             raise Rejected(Status.CANNOT_UNDERSTAND, f"attribute values cannot be decoded: {exc}") from None
-        digest = digest or _sha256(path)
+        if buffer is not None:
+            incoming.path = self.spool_dir / f"{uuid.uuid4().hex}.spool"
+            _write_file(incoming.path, buffer)
+            digest = hashlib.sha256(buffer).hexdigest()
+        else:
+            digest = _sha256(incoming.path)
+        path = incoming.path
         key = self.store.new_key()
         stored_size = self.store.put_from_spool(path, key)
         return IndexRecord(
