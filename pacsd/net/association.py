@@ -236,8 +236,11 @@ class Association:
                               command=hex(message.command_field),
                               message_id=message.command.get("MessageID"))
                 if self.protocol.state in (State.STA6, State.STA8):
-                    await self.respond(message, Status.PROCESSING_FAILURE,
-                                       ErrorComment="internal error while processing the request")
+                    try:
+                        await self.respond(message, Status.PROCESSING_FAILURE,
+                                           ErrorComment="internal error while processing the request")
+                    except Exception:  # the association went away meanwhile: nothing to tell
+                        pass
             finally:
                 message.discard()
                 self.cancelled.discard(message.command.get("MessageID", -1))
