@@ -7,16 +7,19 @@ BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages the test suite uses as real DICOM peers and validators.
 TEST_DEBS := dcmtk dicom3tools
+# Debian packages `make bench` runs pacsd against (Orthanc as the distribution ships it).
+BENCH_DEBS := orthanc orthanc-dicomweb dcmtk
 TEST_TOOLS := /usr/bin/echoscu /usr/bin/storescu /usr/bin/findscu /usr/bin/movescu \
               /usr/bin/getscu /usr/bin/storescp /usr/bin/dciodvfy
 
-.PHONY: run test bench venv test-deps system-deps clean help
+.PHONY: run test bench venv test-deps bench-deps system-deps clean help
 
 help:
 	@echo "make run    create .venv, install pacsd, start it on embedded defaults"
 	@echo "            (AE PACSD, DICOM port 11112, data in ./var)"
 	@echo "make test   install test dependencies (Python extras, DCMTK, dicom3tools), run all tests"
-	@echo "make bench  side-by-side benchmarks against DCMTK (see bench/README.md)"
+	@echo "make bench  install Orthanc and DCMTK if missing, run pacsd side by side with them"
+	@echo "            (5-12 min; see bench/README.md; BENCH_ARGS='--only small,huge' for a subset)"
 	@echo "make clean  remove .venv and ./var"
 
 run: $(BIN)/.installed
@@ -25,8 +28,8 @@ run: $(BIN)/.installed
 test: $(BIN)/.installed-test test-deps
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-bench: $(BIN)/.installed-test test-deps
-	$(BIN)/python bench/ingest.py --huge
+bench: $(BIN)/.installed-test bench-deps
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 venv: $(BIN)/.installed
 
@@ -53,6 +56,16 @@ test-deps:
 	  echo "installing $(TEST_DEBS) from Debian packages"; \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(TEST_DEBS) >/dev/null; \
+	fi
+
+bench-deps:
+	@missing=""; for p in $(BENCH_DEBS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q ' installed$$' || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing from Debian packages"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
 clean:

@@ -1,7 +1,11 @@
 """Deterministic benchmark corpora: the same bytes on every run and every machine.
 
-    python bench/corpus.py DIR            # small (2,000 CT 64x64) and ct512 (one study, 200 CT 512x512)
+    python bench/corpus.py DIR            # small (2,000 CT 64x64), ct512 (one study, 200 CT 512x512)
+                                          # and find (1,000 studies of one CT 64x64 each)
     python bench/corpus.py DIR --huge     # also one 1 GiB multi-frame instance
+
+The find corpus gives its studies the same patients and dates as the synthetic index that
+bench/run.py fills directly (study_identity), so one query mix serves both.
 
 Files are written with pydicom, except the pixel data of the huge instance, which is
 streamed so that generating it needs no more memory than sending it should.
@@ -10,6 +14,7 @@ streamed so that generating it needs no more memory than sending it should.
 from __future__ import annotations
 
 import argparse
+import random
 import struct
 from pathlib import Path
 
@@ -20,6 +25,19 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 EXPLICIT_LE = ExplicitVRLittleEndian
 MULTIFRAME_CT = "1.2.840.10008.5.1.4.1.1.2.1"  # Enhanced CT Image Storage
 PREFIX = "1.2.826.0.1.3680043.10.1428."  # a root reserved for pacsd's benchmark corpora
+
+
+NAMES = ["ADAMS", "BAKER", "CLARK", "DAVIS", "EVANS", "FRANK", "GREEN", "HARRIS", "IRWIN", "JONES"]
+
+
+def study_identity(study: int) -> dict[str, str]:
+    """Patient and date of study number `study` in the C-FIND corpora: 5 studies a patient,
+    dates spread over 2010-2025."""
+    patient = study // 5
+    rng = random.Random(study)
+    return {"PatientName": f"{NAMES[patient % 10]}^{chr(65 + patient % 26)}{patient:05d}",
+            "PatientID": f"P{patient:06d}",
+            "StudyDate": f"20{10 + study % 16:02d}{1 + rng.randrange(12):02d}{1 + rng.randrange(28):02d}"}
 
 
 def uid(*parts: object) -> str:
@@ -79,7 +97,10 @@ def file_meta(sop_class: str, sop_instance: str) -> FileMetaDataset:
     return meta
 
 
-def write_ct(directory: Path, corpus: str, count: int, size: int, studies: int) -> list[Path]:
+def write_ct(directory: Path, corpus: str, count: int, size: int, studies: int,
+             identity: bool = False) -> list[Path]:
+    """`count` CT instances spread over `studies` studies; with `identity`, each study's
+    patient and date come from study_identity."""
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for index in range(count):
@@ -88,9 +109,24 @@ def write_ct(directory: Path, corpus: str, count: int, size: int, studies: int) 
         if path.exists():
             continue
         ds = ct_dataset(corpus, index, size, studies)
+        if identity:
+            for keyword, value in study_identity(index % studies).items():
+                setattr(ds, keyword, value)
         ds.file_meta = file_meta(ds.SOPClassUID, ds.SOPInstanceUID)
         ds.save_as(path, enforce_file_format=True)
     return paths
+
+
+def write_small(directory: Path) -> list[Path]:
+    return write_ct(directory / "small", "small", 2000, 64, 20)
+
+
+def write_ct512(directory: Path) -> list[Path]:
+    return write_ct(directory / "ct512", "ct512", 200, 512, 1)
+
+
+def write_find(directory: Path, studies: int = 1000) -> list[Path]:
+    return write_ct(directory / "find", "find", studies, 64, studies, identity=True)
 
 
 def write_huge(directory: Path, total_bytes: int = 1 << 30, size: int = 512) -> Path:
@@ -123,9 +159,10 @@ def main() -> None:
     parser.add_argument("directory", type=Path)
     parser.add_argument("--huge", action="store_true", help="also write the 1 GiB instance")
     args = parser.parse_args()
-    small = write_ct(args.directory / "small", "small", 2000, 64, 20)
-    large = write_ct(args.directory / "ct512", "ct512", 200, 512, 1)
-    print(f"{len(small)} small and {len(large)} large CT instances in {args.directory}")
+    small = write_small(args.directory)
+    large = write_ct512(args.directory)
+    find = write_find(args.directory)
+    print(f"{len(small)} small, {len(large)} large and {len(find)} C-FIND CT instances in {args.directory}")
     if args.huge:
         print(f"huge instance: {write_huge(args.directory / 'huge')}")
 

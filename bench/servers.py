@@ -1,0 +1,221 @@
+"""The servers the benchmark compares and the DCMTK clients that drive them.
+
+Every server listens on a free loopback port with TCP_NODELAY=1 in its environment, starts
+on an empty data directory of its own, and is stopped after the row it served, so its peak
+RSS (VmHWM) is that row's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+STORESCU = "/usr/bin/storescu"
+STORESCP = "/usr/bin/storescp"
+MOVESCU = "/usr/bin/movescu"
+ORTHANC = "/usr/sbin/Orthanc"
+# The Debian package starts Orthanc with /etc/orthanc, whose orthanc.json loads every plugin
+# in this folder (with orthanc-dicomweb: DICOMweb, ServeFolders, ModalityWorklists).
+ORTHANC_PLUGINS = "/usr/share/orthanc/plugins/"
+CLIENT_AE = "BENCH"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {port}")
+
+
+def _status_kib(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _process_tree(pid: int) -> list[int]:
+    pids, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        pids.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*/children"):
+            todo += [int(c) for c in task.read_text().split()]
+    return pids
+
+
+def peak_rss_mib(pid: int) -> float:
+    """VmHWM (resident high-water mark) of the process, plus its live children's if it has any."""
+    return sum(_status_kib(p, "VmHWM") for p in _process_tree(pid)) / 1024
+
+
+class Server:
+    """One server on a fresh data directory under `workdir`; a context manager."""
+
+    name = ""
+    ae = ""
+
+    def __init__(self, workdir: Path, peers: dict[str, int] | None = None, fresh: bool = True) -> None:
+        self.workdir = workdir
+        self.data = workdir / self.name
+        self.peers = peers or {}  # AE title -> loopback port, for C-MOVE destinations
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+        if fresh:
+            shutil.rmtree(self.data, ignore_errors=True)
+        self.data.mkdir(parents=True, exist_ok=True)
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        raise NotImplementedError
+
+    def start(self) -> "Server":
+        args, env = self.command()
+        log_path = self.workdir / f"{self.name}.log"
+        with open(log_path, "ab") as log:
+            start = log.tell()
+            self.proc = subprocess.Popen(args, env=dict(os.environ, TCP_NODELAY="1", **env),
+                                         stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_for_port(self.port, self.proc)
+        except Exception as exc:
+            self.stop()
+            with open(log_path, "rb") as log:
+                log.seek(start)
+                tail = log.read().decode(errors="replace").strip().splitlines()[-3:]
+            raise RuntimeError(f"{self.name} did not start ({exc}): {' / '.join(tail)}") from exc
+        return self
+
+    def peak_rss_mib(self) -> float:
+        return peak_rss_mib(self.proc.pid)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self) -> "Server":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class Pacsd(Server):
+    name = "pacsd"
+    ae = "PACSD"
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        peers = [{"ae_title": ae, "host": "127.0.0.1", "port": port} for ae, port in self.peers.items()]
+        return [sys.executable, "-m", "pacsd", "serve"], {
+            "PACSD_DICOM__PORT": str(self.port), "PACSD_DICOM__BIND": "127.0.0.1",
+            "PACSD_HTTP__PORT": str(free_port()), "PACSD_STORAGE__DATA_DIR": str(self.data),
+            "PACSD_DATABASE__URL": f"sqlite+aiosqlite:///{self.data}/index.db",
+            "PACSD_LOGGING__LEVEL": "warning", "PACSD_PEERS": json.dumps(peers)}
+
+
+class Orthanc(Server):
+    """Orthanc on its default SQLite index and file storage, configured by a JSON of our own."""
+
+    name = "orthanc"
+    ae = "ORTHANC"
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        # Anything not named here keeps Orthanc's built-in default (fsync on, DICOM threads 4...).
+        modalities = {CLIENT_AE: [CLIENT_AE, "127.0.0.1", 104]}
+        modalities |= {ae: [ae, "127.0.0.1", port] for ae, port in self.peers.items()}
+        config = {
+            "Name": "pacsd-bench",
+            "StorageDirectory": str(self.data / "storage"),
+            "IndexDirectory": str(self.data / "index"),
+            "StorageCompression": False,
+            "DicomAet": self.ae,
+            "DicomPort": self.port,
+            "DicomCheckCalledAet": False,
+            "DicomModalities": modalities,
+            "HttpPort": free_port(),
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "Plugins": [ORTHANC_PLUGINS],
+        }
+        path = self.workdir / "orthanc.json"
+        path.write_text(json.dumps(config, indent=2))
+        return [ORTHANC, str(path)], {}
+
+
+class StoreSCP(Server):
+    """DCMTK storescp: writes each instance as a file; no index, no fsync."""
+
+    name = "storescp"
+    ae = "STORESCP"
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        return [STORESCP, "-aet", self.ae, "--output-directory", str(self.data), str(self.port)], {}
+
+    def received(self) -> int:
+        return sum(1 for _ in self.data.iterdir())
+
+
+def storescu_start(server: Server, files: list[Path], nodelay: bool = True, log: Path | None = None
+                   ) -> subprocess.Popen:
+    """One storescu process sending `files` over one association."""
+    env = dict(os.environ)
+    env.pop("TCP_NODELAY", None)
+    if nodelay:
+        env["TCP_NODELAY"] = "1"
+    args = [STORESCU, "-aet", CLIENT_AE, "-aec", server.ae, "--no-halt", "127.0.0.1", str(server.port)]
+    out = open(log or os.devnull, "w")
+    try:
+        return subprocess.Popen(args + [str(f) for f in files], env=env, stdout=out, stderr=subprocess.STDOUT)
+    finally:
+        out.close()
+
+
+def storescu(server: Server, chunks: list[list[Path]], nodelay: bool = True) -> tuple[float, int]:
+    """Send each chunk from its own storescu at once; (wall seconds, failed instances)."""
+    logs = [server.workdir / f"storescu-{server.name}-{i}.log" for i in range(len(chunks))]
+    started = time.perf_counter()
+    procs = [storescu_start(server, chunk, nodelay, log) for chunk, log in zip(chunks, logs)]
+    codes = [p.wait() for p in procs]
+    seconds = time.perf_counter() - started
+    failures = 0
+    for code, log, chunk in zip(codes, logs, chunks):
+        text = log.read_text(errors="replace")
+        errors = sum(line.startswith("E: Store") for line in text.splitlines())
+        failures += min(len(chunk), errors or (len(chunk) if code else 0))
+    return seconds, failures
+
+
+def movescu(server: Server, destination: str, study_uid: str) -> tuple[float, int]:
+    """Study-level C-MOVE of one study; (seconds, exit code)."""
+    args = [MOVESCU, "-S", "-aet", CLIENT_AE, "-aec", server.ae, "-aem", destination,
+            "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}",
+            "127.0.0.1", str(server.port)]
+    started = time.perf_counter()
+    result = subprocess.run(args, env=dict(os.environ, TCP_NODELAY="1"), capture_output=True)
+    seconds = time.perf_counter() - started
+    (server.workdir / f"movescu-{server.name}.log").write_bytes(result.stdout + result.stderr)
+    return seconds, result.returncode
