@@ -16,6 +16,8 @@ from pacsd.index.writer import IndexWriter
 from pacsd.ingest.pipeline import Ingest
 from pacsd.net.acceptor import DicomServer
 from pacsd.services import qr_find, qr_retrieve, storage, verification
+from pacsd.services import ian
+from pacsd.services import commitment
 from pacsd.services.registry import ServiceRegistry
 from pacsd.store.filetree import FileTreeBlobStore
 
@@ -60,12 +62,16 @@ def build_registry(settings: Settings, archive: Archive | None = None) -> Servic
         storage.register(registry, scp, settings.dicom.transfer_syntaxes, settings.storage.extra_sop_classes)
         qr_find.register(registry, archive, settings)
         qr_retrieve.register(registry, archive, settings)
+        ian.register(registry, settings, archive.executor)
+        commitment.register(registry, archive, settings)  # sets archive.commitment
     return registry
 
 
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     """Run until SIGTERM/SIGINT (or `stop` is set), then shut down cleanly."""
     archive = Archive(settings)
+    # IAN: the writer records owed notifications in its transactions (before it starts).
+    ian_sender = ian.attach(archive, settings)
     await archive.open()
     server = DicomServer(settings, build_registry(settings, archive))
     try:
@@ -73,6 +79,9 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     except OSError:
         await archive.close()
         raise
+    if ian_sender is not None:
+        ian_sender.start()
+    await archive.commitment.start()  # storage commitment reports, retried across restarts
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -86,6 +95,9 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
              loop=type(loop).__module__.split(".")[0])
     await stop.wait()
     await server.close(settings.dicom.shutdown_grace)
+    if ian_sender is not None:
+        await ian_sender.close()
+    await archive.commitment.close()
     await archive.close()
     log.info("pacsd.stopped")
 

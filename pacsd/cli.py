@@ -335,6 +335,8 @@ def verify_(config_file: Path | None, repair: bool, quick: bool, limit: int) -> 
 
 # The Query/Retrieve commands live in their own module; importing it adds them to `main`.
 from pacsd import cli_qr  # noqa: E402,F401
+# `pacsd commit` (Storage Commitment SCU) likewise.
+from pacsd import cli_commit  # noqa: E402,F401
 
 if __name__ == "__main__":  # pragma: no cover
     main()

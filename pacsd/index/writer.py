@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable
 
 import sqlalchemy as sa
 import structlog
@@ -110,6 +111,13 @@ class IndexWriter:
         self.committed = 0
         self._sync_engine = sync_engine_for(engine)
         self._db_thread: ThreadPoolExecutor | None = None
+        self._fsync_thread: ThreadPoolExecutor | None = None
+        # Optional hooks (the IAN outbox uses both). in_transaction(conn, study_uids, now) runs
+        # inside each group's transaction, in the database thread, with the studies that got
+        # instances; an exception there fails the group. on_committed(study_uids) runs on the
+        # event loop after the commit.
+        self.in_transaction: Callable[[sa.Connection, set[str], datetime], None] | None = None
+        self.on_committed: Callable[[set[str]], None] | None = None
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="index-writer")
@@ -123,6 +131,9 @@ class IndexWriter:
             self._db_thread.submit(self._sync_engine.dispose).result()
             self._db_thread.shutdown(wait=True)
             self._db_thread = None
+        if self._fsync_thread is not None:
+            self._fsync_thread.shutdown(wait=True)
+            self._fsync_thread = None
 
     async def submit(self, record: IndexRecord) -> WriteOutcome:
         record.future = asyncio.get_running_loop().create_future()
@@ -160,6 +171,13 @@ class IndexWriter:
                     self.committed += 1
                 if not record.future.done():
                     record.future.set_result(outcome)
+            if self.on_committed is not None:
+                touched = {r.rows.study["study_instance_uid"] for r, o in zip(group, outcomes) if o.stored}
+                if touched:
+                    try:
+                        self.on_committed(touched)
+                    except Exception as exc:
+                        log.error("index.on_committed_failed", error=repr(exc))
 
     async def _commit(self, group: list[IndexRecord]) -> list[WriteOutcome]:
         keys = [r.blob_key for r in group]
@@ -179,10 +197,20 @@ class IndexWriter:
         return outcomes
 
     def _commit_in_thread(self, keys: list[str], group: list[IndexRecord]):
-        # The renames into blobs/ must be durable before the rows that point at them.
-        self.store.sync(keys)
-        with self._sync_engine.begin() as conn:
-            return self._commit_sync(conn, group)
+        # The renames into blobs/ must be durable before the rows that point at them are:
+        # the directory fsyncs run in a worker while this thread runs the group's statements,
+        # and the transaction commits only once they are done.
+        if self._fsync_thread is None:
+            # Its own thread: in the shared executor it would queue behind header parsing.
+            self._fsync_thread = ThreadPoolExecutor(1, thread_name_prefix="pacsd-dirsync")
+        synced = self._fsync_thread.submit(self.store.sync, keys)
+        try:
+            with self._sync_engine.begin() as conn:
+                result = self._commit_sync(conn, group)
+                synced.result()  # raises (and so rolls back) if a directory fsync failed
+                return result
+        finally:
+            futures_wait([synced])  # never leave a directory fsync running behind a failure
 
     def _commit_sync(self, conn: sa.Connection, group: list[IndexRecord]):
         """The statements of one group, inside the caller's transaction (sync code: it runs
@@ -301,6 +329,8 @@ class IndexWriter:
             )
         if "*" in changed_sets:
             self._recount(conn)
+        if self.in_transaction is not None and touched_studies:
+            self.in_transaction(conn, set(touched_studies), now)
         return outcomes, lambda: self._remember(changed_sets, pending_patients, pending_studies, pending_series)
 
     def _remember(self, changed_sets, pending_patients, pending_studies, pending_series) -> None:
