@@ -149,6 +149,28 @@ async def _echo(host: str, port: int, aec: str, aet: str, count: int, timeout: f
     return all_ok
 
 
+def part10_files(paths, recursive: bool, purpose: str):
+    """The Part 10 files among `paths` (directories read, recursively with `recursive`),
+    and how many were skipped; each skipped file gets a line saying why. Exits 1 if none."""
+    from pacsd.net.storescu import NotPart10, collect_files, read_part10
+
+    files = []
+    skipped = 0
+    for path in collect_files(paths, recursive):
+        try:
+            files.append(read_part10(path))
+        except NotPart10 as exc:
+            click.echo(f"skipped  {path}: {exc}")
+            skipped += 1
+        except OSError as exc:
+            click.echo(f"skipped  {path}: cannot read it: {exc.strerror or exc}")
+            skipped += 1
+    if not files:
+        click.echo(f"no DICOM Part 10 files to {purpose} ({skipped} skipped)", err=True)
+        sys.exit(1)
+    return files, skipped
+
+
 def _run(coro):
     """Run a coroutine to its result, on uvloop where it is installed."""
     try:
@@ -186,24 +208,11 @@ def store(host: str, port: int, paths: tuple[Path, ...], aec: str, aet: str, rec
     (warning statuses count as stored), 1 when any failed or was not sent.
     """
     from pacsd.config import DicomSettings
-    from pacsd.net.storescu import NotPart10, collect_files, read_part10, store_files
+    from pacsd.net.storescu import store_files
     from pacsd.tools import Progress, megabytes
 
     logs.configure("warning", "console")
-    files = []
-    skipped = 0
-    for path in collect_files(paths, recursive):
-        try:
-            files.append(read_part10(path))
-        except NotPart10 as exc:
-            click.echo(f"skipped  {path}: {exc}")
-            skipped += 1
-        except OSError as exc:
-            click.echo(f"skipped  {path}: cannot read it: {exc.strerror or exc}")
-            skipped += 1
-    if not files:
-        click.echo(f"no DICOM Part 10 files to send ({skipped} skipped)", err=True)
-        sys.exit(1)
+    files, skipped = part10_files(paths, recursive, "send")
 
     counts = {"success": 0, "warning": 0, "failure": 0}
     sent = sent_bytes = 0

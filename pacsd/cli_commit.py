@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from pacsd import logs
-from pacsd.cli import _ae, _run, main
+from pacsd.cli import _ae, _run, main, part10_files
 
 
 @main.command()
@@ -42,23 +42,8 @@ def commit(host, port, paths, aec, aet, recursive, timeout, listen_port) -> None
 
     Exits 0 when every file was committed, 1 otherwise (failures, no report, skipped files).
     """
-    from pacsd.net.storescu import NotPart10, collect_files, read_part10
-
     logs.configure("warning", "console")
-    files = []
-    skipped = 0
-    for path in collect_files(paths, recursive):
-        try:
-            files.append(read_part10(path))
-        except NotPart10 as exc:
-            click.echo(f"skipped  {path}: {exc}")
-            skipped += 1
-        except OSError as exc:
-            click.echo(f"skipped  {path}: cannot read it: {exc.strerror or exc}")
-            skipped += 1
-    if not files:
-        click.echo(f"no DICOM Part 10 files to ask about ({skipped} skipped)", err=True)
-        sys.exit(1)
+    files, skipped = part10_files(paths, recursive, "ask about")
     code = _run(_commit(host, port, files, aec, aet, timeout, listen_port))
     sys.exit(1 if skipped else code)
 

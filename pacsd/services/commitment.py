@@ -66,7 +66,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from pacsd.dimse.assembler import Message
 from pacsd.dimse.command import CommandField
 from pacsd.dimse.identifier import IdentifierError, decode_identifier, encode_identifier
-from pacsd.dimse.status import category, describe
+from pacsd.dimse.status import Status, category, describe
 from pacsd.dul.machine import State
 from pacsd.dul.negotiation import ProposedContext
 from pacsd.index.schema import commitment_transactions as ct
@@ -86,14 +86,6 @@ from pacsd.services.storage import storage_sop_classes
 from pacsd.uid import uid_problem
 
 log = structlog.get_logger("pacsd.commitment")
-
-# DIMSE statuses (PS3.7 C.5) and Failure Reasons (PS3.3 C.14.1.1) used here.
-PROCESSING_FAILURE = 0x0110
-NO_SUCH_OBJECT_INSTANCE = 0x0112
-INVALID_ARGUMENT_VALUE = 0x0115
-CLASS_INSTANCE_CONFLICT = 0x0119
-SOP_CLASS_NOT_SUPPORTED = 0x0122
-NO_SUCH_ACTION = 0x0123
 
 PENDING, DELIVERED, EXPIRED = "pending", "delivered", "expired"
 
@@ -141,10 +133,10 @@ def parse_action(ds: Dataset) -> tuple[str, list[tuple[str, str]]]:
     transaction = ds.get("TransactionUID")
     transaction = str(transaction) if transaction is not None else None
     if problem := uid_problem("Transaction UID (0008,1195)", transaction):
-        raise ActionError(INVALID_ARGUMENT_VALUE, problem)
+        raise ActionError(Status.INVALID_ARGUMENT_VALUE, problem)
     sequence = ds.get("ReferencedSOPSequence")
     if not sequence:
-        raise ActionError(INVALID_ARGUMENT_VALUE, "Referenced SOP Sequence (0008,1199) missing or empty")
+        raise ActionError(Status.INVALID_ARGUMENT_VALUE, "Referenced SOP Sequence (0008,1199) missing or empty")
     refs: list[tuple[str, str]] = []
     for number, item in enumerate(sequence, 1):
         sop_class = item.get("ReferencedSOPClassUID")
@@ -152,7 +144,7 @@ def parse_action(ds: Dataset) -> tuple[str, list[tuple[str, str]]]:
         for name, value in (("Referenced SOP Class UID", sop_class),
                             ("Referenced SOP Instance UID", sop_instance)):
             if problem := uid_problem(name, str(value) if value is not None else None):
-                raise ActionError(INVALID_ARGUMENT_VALUE, f"item {number}: {problem}")
+                raise ActionError(Status.INVALID_ARGUMENT_VALUE, f"item {number}: {problem}")
         refs.append((str(sop_class), str(sop_instance)))
     return transaction, refs
 
@@ -315,16 +307,16 @@ async def check(archive, refs: list[tuple[str, str]], supported: set[str],
         row = stored.get(uid)
         why = None
         if row is None:
-            reason = NO_SUCH_OBJECT_INSTANCE if sop_class in supported else SOP_CLASS_NOT_SUPPORTED
+            reason = Status.NO_SUCH_OBJECT_INSTANCE if sop_class in supported else Status.REFUSED_SOP_CLASS_NOT_SUPPORTED
         elif row.sop_class_uid != sop_class:
-            reason = CLASS_INSTANCE_CONFLICT
+            reason = Status.CLASS_INSTANCE_CONFLICT
             why = f"stored as {row.sop_class_uid}"
         else:
             if uid not in verified:
                 verified[uid] = await loop.run_in_executor(
                     archive.executor, _blob_problem, archive.store, row.blob_key, row.size, row.sha256)
             why = verified[uid]
-            reason = PROCESSING_FAILURE if why else None
+            reason = Status.PROCESSING_FAILURE if why else None
         if reason is None:
             success.append([sop_class, uid])
         else:
@@ -398,10 +390,10 @@ class CommitmentSCP:
         command = message.command
         try:
             if command["RequestedSOPInstanceUID"] != SOP_INSTANCE:
-                raise ActionError(NO_SUCH_OBJECT_INSTANCE,
+                raise ActionError(Status.NO_SUCH_OBJECT_INSTANCE,
                                   f"Requested SOP Instance UID is not {SOP_INSTANCE}")
             if command["ActionTypeID"] != ACTION_REQUEST:
-                raise ActionError(NO_SUCH_ACTION, f"Action Type ID {command['ActionTypeID']} "
+                raise ActionError(Status.NO_SUCH_ACTION, f"Action Type ID {command['ActionTypeID']} "
                                                   "(only 1, request storage commitment)")
             transaction_uid, refs = parse_action(await self._action_information(assoc, message))
         except ActionError as exc:
@@ -409,7 +401,7 @@ class CommitmentSCP:
             return
         tx = await record(self.archive.engine, transaction_uid, assoc.calling_ae, refs, self.lease)
         if tx is None:
-            await self._refuse(assoc, message, PROCESSING_FAILURE, "transaction UID already pending",
+            await self._refuse(assoc, message, Status.PROCESSING_FAILURE, "transaction UID already pending",
                                transaction_uid=transaction_uid)
             return
         log.info("commitment.requested", peer=assoc.protocol.peer_str, calling_ae=assoc.calling_ae,
@@ -426,9 +418,9 @@ class CommitmentSCP:
     async def _action_information(self, assoc: Association, message: Message) -> Dataset:
         spool = message.dataset
         if spool is None:
-            raise ActionError(INVALID_ARGUMENT_VALUE, "N-ACTION-RQ without Action Information")
+            raise ActionError(Status.INVALID_ARGUMENT_VALUE, "N-ACTION-RQ without Action Information")
         if spool.error is not None:
-            raise ActionError(PROCESSING_FAILURE, "Action Information not received: "
+            raise ActionError(Status.PROCESSING_FAILURE, "Action Information not received: "
                                                   f"{spool.error.strerror or spool.error}")
         ts = assoc.contexts[message.context_id].transfer_syntax
 
@@ -440,7 +432,7 @@ class CommitmentSCP:
                 return await asyncio.get_running_loop().run_in_executor(self.archive.executor, work)
             return work()
         except IdentifierError as exc:
-            raise ActionError(INVALID_ARGUMENT_VALUE, exc.comment) from None
+            raise ActionError(Status.INVALID_ARGUMENT_VALUE, exc.comment) from None
 
     async def _refuse(self, assoc: Association, message: Message, status: int, comment: str,
                       **extra: Any) -> None:

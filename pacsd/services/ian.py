@@ -57,12 +57,6 @@ log = structlog.get_logger("pacsd.ian")
 
 IAN_SOP_CLASS = "1.2.840.10008.5.1.4.33"
 
-# N-CREATE failure statuses (PS3.7 C.4.2 / PS3.4 R.4.1.2) pacsd answers with.
-MISSING_ATTRIBUTE = 0x0120
-MISSING_ATTRIBUTE_VALUE = 0x0121
-INVALID_ATTRIBUTE_VALUE = 0x0106
-RESOURCE_LIMITATION = 0x0213
-
 PENDING, DELIVERED, EXPIRED = "pending", "delivered", "expired"
 
 # Rows sent per pass (all peers together); a full batch starts the next pass at once.
@@ -502,9 +496,9 @@ class IanSCP:
     async def _attribute_list(self, assoc, message: Message) -> Dataset:
         spool = message.dataset
         if spool is None:
-            raise IdentifierError(MISSING_ATTRIBUTE, "N-CREATE-RQ without an attribute list")
+            raise IdentifierError(Status.MISSING_ATTRIBUTE, "N-CREATE-RQ without an attribute list")
         if spool.error is not None:
-            raise IdentifierError(RESOURCE_LIMITATION,
+            raise IdentifierError(Status.RESOURCE_LIMITATION,
                                   f"attribute list not received: {spool.error.strerror or spool.error}")
         ts = assoc.contexts[message.context_id].transfer_syntax
 
@@ -514,7 +508,7 @@ class IanSCP:
             except IdentifierError as exc:
                 # C000 and A700 are C-service statuses: answer their N-CREATE counterparts.
                 status = {Status.CANNOT_UNDERSTAND: Status.PROCESSING_FAILURE,
-                          Status.OUT_OF_RESOURCES: RESOURCE_LIMITATION}.get(exc.status, exc.status)
+                          Status.OUT_OF_RESOURCES: Status.RESOURCE_LIMITATION}.get(exc.status, exc.status)
                 raise IdentifierError(status, exc.comment) from None
 
         if spool.size > _DECODE_INLINE and self.executor is not None:
@@ -525,12 +519,12 @@ class IanSCP:
 def _summarise(ds: Dataset) -> dict[str, Any]:
     """What ian.received logs; refuses an attribute list without a usable Study Instance UID."""
     if "StudyInstanceUID" not in ds:
-        raise IdentifierError(MISSING_ATTRIBUTE, "Study Instance UID (0020,000D) is missing", 0x0020000D)
+        raise IdentifierError(Status.MISSING_ATTRIBUTE, "Study Instance UID (0020,000D) is missing", 0x0020000D)
     study_uid = ds.StudyInstanceUID
     if study_uid is None or str(study_uid) == "":
-        raise IdentifierError(MISSING_ATTRIBUTE_VALUE, "Study Instance UID (0020,000D) is empty", 0x0020000D)
+        raise IdentifierError(Status.MISSING_ATTRIBUTE_VALUE, "Study Instance UID (0020,000D) is empty", 0x0020000D)
     if problem := uid_problem("Study Instance UID", study_uid):
-        raise IdentifierError(INVALID_ATTRIBUTE_VALUE, problem, 0x0020000D)
+        raise IdentifierError(Status.INVALID_ATTRIBUTE_VALUE, problem, 0x0020000D)
     availability: Counter[str] = Counter()
     series_count = instance_count = 0
     for series_item in ds.get("ReferencedSeriesSequence") or []:
