@@ -96,6 +96,10 @@ def db_upgrade(config_file: Path | None, revision: str) -> None:
         upgrade(url, revision)
     except Exception as exc:
         raise click.ClickException(f"upgrade failed: {exc}") from None
+    if revision == "head":
+        from pacsd.index.db import head_revision
+
+        revision = head_revision()
     click.echo(f"index at {make_url(url).render_as_string(hide_password=True)} is at revision {revision}")
 
 
