@@ -64,17 +64,24 @@ class Report:
     via: str = ""  # where it arrived: "requesting association" or "association from AE@host"
 
 
-def build_action(transaction_uid: str, refs: list[tuple[str, str]]) -> Dataset:
-    """The Action Information of a Storage Commitment Request (PS3.4 Table J.3-1)."""
+def reference(sop_class: str, sop_instance: str, **extra) -> Dataset:
+    """One item of a Referenced/Failed SOP Sequence."""
+    item = Dataset()
+    item.ReferencedSOPClassUID = sop_class
+    item.ReferencedSOPInstanceUID = sop_instance
+    for keyword, value in extra.items():
+        setattr(item, keyword, value)
+    return item
+
+
+def build_action(transaction_uid: str | None, refs: list[tuple[str, str]]) -> Dataset:
+    """The Action Information of a Storage Commitment Request (PS3.4 Table J.3-1).
+
+    A None transaction UID leaves it out (only tests build such a request)."""
     ds = Dataset()
-    ds.TransactionUID = transaction_uid
-    items = []
-    for sop_class, sop_instance in refs:
-        item = Dataset()
-        item.ReferencedSOPClassUID = sop_class
-        item.ReferencedSOPInstanceUID = sop_instance
-        items.append(item)
-    ds.ReferencedSOPSequence = items
+    if transaction_uid is not None:
+        ds.TransactionUID = transaction_uid
+    ds.ReferencedSOPSequence = [reference(c, i) for c, i in refs]
     return ds
 
 

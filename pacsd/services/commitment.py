@@ -79,6 +79,7 @@ from pacsd.net.commitscu import (  # noqa: F401 (re-exported: the SOP class's co
     FAILURE_REASONS,
     SOP_CLASS,
     SOP_INSTANCE,
+    reference,
 )
 from pacsd.net.requestor import associate
 from pacsd.services.registry import ServiceRegistry
@@ -332,23 +333,11 @@ def build_report(transaction_uid: str, result: dict[str, list], retrieve_ae: str
     ds = Dataset()
     ds.TransactionUID = transaction_uid
     if result["success"]:
-        items = []
-        for sop_class, uid in result["success"]:
-            item = Dataset()
-            item.ReferencedSOPClassUID = sop_class
-            item.ReferencedSOPInstanceUID = uid
-            item.RetrieveAETitle = retrieve_ae
-            items.append(item)
-        ds.ReferencedSOPSequence = items
+        ds.ReferencedSOPSequence = [reference(c, uid, RetrieveAETitle=retrieve_ae)
+                                    for c, uid in result["success"]]
     if result["failed"]:
-        items = []
-        for sop_class, uid, reason in result["failed"]:
-            item = Dataset()
-            item.ReferencedSOPClassUID = sop_class
-            item.ReferencedSOPInstanceUID = uid
-            item.FailureReason = reason
-            items.append(item)
-        ds.FailedSOPSequence = items
+        ds.FailedSOPSequence = [reference(c, uid, FailureReason=reason)
+                                for c, uid, reason in result["failed"]]
     return (EVENT_FAILURES if result["failed"] else EVENT_SUCCESS), ds
 
 

@@ -26,6 +26,7 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 
+from pacsd.net.commitscu import build_action
 from tests.conftest import free_port, launch_daemon
 from tests.dicomdata import (
     CT_IMAGE_STORAGE,
@@ -123,17 +124,7 @@ class Received:
 
 
 def action_information(transaction_uid: str | None, refs) -> Dataset:
-    ds = Dataset()
-    if transaction_uid is not None:
-        ds.TransactionUID = transaction_uid
-    items = []
-    for sop_class, sop_instance in refs:
-        item = Dataset()
-        item.ReferencedSOPClassUID = sop_class
-        item.ReferencedSOPInstanceUID = sop_instance
-        items.append(item)
-    ds.ReferencedSOPSequence = items
-    return ds
+    return build_action(transaction_uid, refs)
 
 
 @dataclass
