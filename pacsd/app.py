@@ -74,9 +74,16 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     ian_sender = ian.attach(archive, settings)
     await archive.open()
     server = DicomServer(settings, build_registry(settings, archive))
+    web = None
     try:
         await server.start()
+        if settings.http.enabled:
+            from pacsd.web.app import WebServer, build_app
+
+            web = WebServer(build_app(archive, settings), settings)
+            await web.start()
     except OSError:
+        await server.close(0)
         await archive.close()
         raise
     if ian_sender is not None:
@@ -94,6 +101,8 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
              index=_safe_url(settings.database.url),
              loop=type(loop).__module__.split(".")[0])
     await stop.wait()
+    if web is not None:
+        await web.close()
     await server.close(settings.dicom.shutdown_grace)
     if ian_sender is not None:
         await ian_sender.close()

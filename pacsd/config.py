@@ -80,8 +80,33 @@ class DicomSettings(Section):
 
 
 class HttpSettings(Section):
+    # DICOMweb (QIDO-RS, WADO-RS, STOW-RS) and WADO-URI, served from the daemon's own loop.
+    enabled: bool = True
     port: int = Field(8042, ge=0, le=65535)
     bind: str = "127.0.0.1"
+    # Where the DICOMweb resources live: http://host:port/dicom-web/studies...
+    base_path: str = "/dicom-web"
+    # The address clients reach pacsd at, e.g. "https://pacs.example.org" behind a reverse
+    # proxy; BulkDataURIs in metadata are built from it. Empty: from the request's Host header.
+    public_url: str = ""
+    # Origins browser viewers may call from ("*" for any); empty: no CORS headers at all.
+    cors_origins: list[str] = Field(default_factory=list)
+    # Largest STOW-RS request body in bytes; a bigger one is answered 413 and nothing is stored.
+    stow_max_bytes: int = Field(4 * 1024 ** 3, ge=1024)
+
+    @field_validator("base_path")
+    @classmethod
+    def _base_path(cls, value: str) -> str:
+        value = "/" + value.strip("/")
+        return "" if value == "/" else value
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str) -> str:
+        value = value.strip().rstrip("/")
+        if value and not re.match(r"^https?://[^/]+(/.*)?$", value):
+            raise ValueError(f"public_url {value!r} must be an absolute http(s) URL")
+        return value
 
 
 class StorageSettings(Section):

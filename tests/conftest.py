@@ -52,6 +52,15 @@ class Daemon:
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
     ae_title: str = "PACSD"
+    http_port: int = 0
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def dicomweb_url(self) -> str:
+        return self.http_url + "/dicom-web"
 
     def events(self, name: str | None = None) -> list[dict]:
         out = []
@@ -96,10 +105,12 @@ def launch_daemon(base: Path, name: str, config_text: str | None = None, **setti
     """
     base = Path(base)
     port = free_port()
+    http_port = free_port()
     data_dir = base / name
     env = dict(os.environ)
     env.update({
         "PACSD_DICOM__PORT": str(port),
+        "PACSD_HTTP__PORT": str(http_port),
         "PACSD_DICOM__BIND": "127.0.0.1",
         "PACSD_STORAGE__DATA_DIR": str(data_dir),
         "PACSD_DATABASE__URL": f"sqlite+aiosqlite:///{data_dir}/index.db",
@@ -115,9 +126,11 @@ def launch_daemon(base: Path, name: str, config_text: str | None = None, **setti
     log_path = base / f"{name}.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
-    daemon = Daemon(port, data_dir, proc, log_path, env)
+    daemon = Daemon(port, data_dir, proc, log_path, env, http_port=http_port)
     try:
         wait_for_port(port, proc)
+        if env.get("PACSD_HTTP__ENABLED", "true").lower() not in ("false", "0"):
+            wait_for_port(http_port, proc)
     except BaseException:
         daemon.stop()
         raise
