@@ -71,6 +71,28 @@ class _LRU(OrderedDict):
             self.popitem(last=False)
 
 
+# The statements of the common path, built once: building a Core statement and its cache key
+# costs several times what SQLite takes to run it, once per instance when instances arrive
+# one at a time over an association.
+_EXISTING = sa.select(instances.c.pk, instances.c.sop_instance_uid, instances.c.blob_key,
+                      instances.c.series_pk).where(
+    instances.c.sop_instance_uid.in_(sa.bindparam("uids", expanding=True)))
+_INSERT_INSTANCES = instances.insert()
+_COUNT_SERIES = series.update().where(series.c.pk == sa.bindparam("b_pk")).values(
+    num_instances=series.c.num_instances + sa.bindparam("b_n"), updated_at=sa.bindparam("b_now"))
+_COUNT_STUDIES = studies.update().where(studies.c.pk == sa.bindparam("b_pk")).values(
+    num_instances=studies.c.num_instances + sa.bindparam("b_n"),
+    num_series=studies.c.num_series + sa.bindparam("b_series"), updated_at=sa.bindparam("b_now"))
+_COUNT_PATIENTS = patients.update().where(patients.c.pk == sa.bindparam("b_pk")).values(
+    num_instances=patients.c.num_instances + sa.bindparam("b_n"),
+    num_series=patients.c.num_series + sa.bindparam("b_series"),
+    num_studies=patients.c.num_studies + sa.bindparam("b_studies"), updated_at=sa.bindparam("b_now"))
+_STUDY_SETS = sa.select(studies.c.modalities_in_study, studies.c.sop_classes_in_study).where(
+    studies.c.pk == sa.bindparam("b_pk"))
+_SET_STUDY_SETS = studies.update().where(studies.c.pk == sa.bindparam("b_pk")).values(
+    modalities_in_study=sa.bindparam("b_modalities"), sop_classes_in_study=sa.bindparam("b_classes"))
+
+
 def _split(text: str) -> set[str]:
     return {v for v in text.split("\\") if v}
 
@@ -232,13 +254,7 @@ class IndexWriter:
         pending_series: dict[str, tuple[int, str]] = {}
         study_objs: dict[str, _Study] = {}
         uids = [r.rows.instance["sop_instance_uid"] for r in group]
-        existing = {
-            row.sop_instance_uid: row
-            for row in conn.execute(
-                sa.select(instances.c.pk, instances.c.sop_instance_uid, instances.c.blob_key,
-                          instances.c.series_pk).where(instances.c.sop_instance_uid.in_(uids))
-            )
-        }
+        existing = {row.sop_instance_uid: row for row in conn.execute(_EXISTING, {"uids": uids})}
         in_group: set[str] = set()
         for record in group:
             uid = record.rows.instance["sop_instance_uid"]
@@ -287,46 +303,28 @@ class IndexWriter:
                 "calling_ae": record.calling_ae[:16],
             })
         if new_rows:
-            conn.execute(instances.insert(), new_rows)
+            conn.execute(_INSERT_INSTANCES, new_rows)
         if touched_series:
-            conn.execute(
-                series.update().where(series.c.pk == sa.bindparam("b_pk")).values(
-                    num_instances=series.c.num_instances + sa.bindparam("b_n"), updated_at=now),
-                [{"b_pk": pk, "b_n": n} for pk, n in touched_series.items()],
-            )
+            conn.execute(_COUNT_SERIES, [{"b_pk": pk, "b_n": n, "b_now": now} for pk, n in touched_series.items()])
         if touched_studies:
-            conn.execute(
-                studies.update().where(studies.c.pk == sa.bindparam("b_pk")).values(
-                    num_instances=studies.c.num_instances + sa.bindparam("b_n"),
-                    num_series=studies.c.num_series + sa.bindparam("b_series"),
-                    updated_at=now),
-                [{"b_pk": study_objs[u].pk, "b_n": n, "b_series": new_series_per_study.get(u, 0)}
-                 for u, n in touched_studies.items()],
-            )
+            conn.execute(_COUNT_STUDIES, [
+                {"b_pk": study_objs[u].pk, "b_n": n, "b_series": new_series_per_study.get(u, 0), "b_now": now}
+                for u, n in touched_studies.items()])
             for uid in (changed_sets - {"*"}):
                 study = study_objs[uid]
                 # Merge with the row, not only the cache: another writer on the same
                 # database may have added a modality since this writer read the study.
                 # (The counter UPDATE above already holds the row's lock.)
-                current = (conn.execute(
-                    sa.select(studies.c.modalities_in_study, studies.c.sop_classes_in_study)
-                    .where(studies.c.pk == study.pk))).one()
+                current = conn.execute(_STUDY_SETS, {"b_pk": study.pk}).one()
                 study.modalities |= _split(current.modalities_in_study)
                 study.sop_classes |= _split(current.sop_classes_in_study)
-                conn.execute(studies.update().where(studies.c.pk == study.pk).values(
-                    modalities_in_study=_join(study.modalities),
-                    sop_classes_in_study=_join(study.sop_classes)))
+                conn.execute(_SET_STUDY_SETS, {"b_pk": study.pk, "b_modalities": _join(study.modalities),
+                                               "b_classes": _join(study.sop_classes)})
         if patient_instances:
-            conn.execute(
-                patients.update().where(patients.c.pk == sa.bindparam("b_pk")).values(
-                    num_instances=patients.c.num_instances + sa.bindparam("b_n"),
-                    num_series=patients.c.num_series + sa.bindparam("b_series"),
-                    num_studies=patients.c.num_studies + sa.bindparam("b_studies"),
-                    updated_at=now),
-                [{"b_pk": pk, "b_n": n, "b_series": patient_series.get(pk, 0),
-                  "b_studies": new_studies_per_patient.get(pk, 0)}
-                 for pk, n in patient_instances.items()],
-            )
+            conn.execute(_COUNT_PATIENTS, [
+                {"b_pk": pk, "b_n": n, "b_series": patient_series.get(pk, 0),
+                 "b_studies": new_studies_per_patient.get(pk, 0), "b_now": now}
+                for pk, n in patient_instances.items()])
         if "*" in changed_sets:
             self._recount(conn)
         if self.in_transaction is not None and touched_studies:
