@@ -61,6 +61,23 @@ class AcceptorPolicy:
     # SOP classes for which pacsd may also act as SCU on an association it accepted
     # (C-GET's storage sub-operations): abstract syntax -> (scu_role, scp_role) offered
     roles: dict[str, tuple[bool, bool]] = field(default_factory=dict)
+    _offered: list[PresentationContext] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def offered(self) -> list[PresentationContext]:
+        """The acceptor's side of context negotiation, built once: pynetdicom checks every
+        UID as it is added, and a storage acceptor has hundreds of (class, syntax) pairs,
+        which would cost more per association than negotiating the peer's proposal does."""
+        if self._offered is None:
+            offered = []
+            for abstract, syntaxes in self.supported.items():
+                cx = PresentationContext()
+                cx.abstract_syntax = abstract
+                for ts in syntaxes:
+                    cx.add_transfer_syntax(ts)
+                cx.scu_role, cx.scp_role = self.roles.get(abstract, (None, None))
+                offered.append(cx)
+            self._offered = offered
+        return self._offered
 
 
 @dataclass
@@ -119,18 +136,8 @@ def negotiate(rq: A_ASSOCIATE, policy: AcceptorPolicy) -> Decision:
         elif isinstance(item, UserIdentityNegotiation):
             identity = item
 
-    offered: list[PresentationContext] = []
-    for abstract, syntaxes in policy.supported.items():
-        cx = PresentationContext()
-        cx.abstract_syntax = abstract
-        for ts in syntaxes:
-            cx.add_transfer_syntax(ts)
-        scu_role, scp_role = policy.roles.get(abstract, (None, None))
-        cx.scu_role, cx.scp_role = scu_role, scp_role
-        offered.append(cx)
-
     results, role_items = negotiate_as_acceptor(
-        rq.presentation_context_definition_list, offered, roles or None
+        rq.presentation_context_definition_list, policy.offered(), roles or None
     )
 
     ac = A_ASSOCIATE()
