@@ -709,3 +709,42 @@ async def test_recount_repairs_corrupted_counters(archive):
     async with archive.engine.begin() as conn:
         await recount(conn)
     assert await index_state(archive.engine) == good
+
+
+# -- 8. the cost of the common path (counts, not timings: they do not depend on the machine) -----
+
+
+def count_statements(writer: IndexWriter) -> list[str]:
+    """Every SQL statement the writer sends from now on (BEGIN and COMMIT left out)."""
+    seen: list[str] = []
+    engine = writer._sync_engine or writer.engine.sync_engine
+
+    @sa.event.listens_for(engine, "before_cursor_execute")
+    def _count(conn, cursor, statement, parameters, context, executemany) -> None:
+        if not statement.lstrip().upper().startswith(("BEGIN", "COMMIT", "ROLLBACK")):
+            seen.append(statement.split(None, 1)[0].upper())
+
+    return seen
+
+
+async def test_statements_per_group_do_not_grow_with_the_group(archive):
+    """Instances of a series the writer already knows cost five statements per group whether
+    the group holds one instance (one association, one instance at a time) or 64: the
+    duplicate check, the instance rows, and the series, study and patient counters."""
+    writer = archive.writer()
+    assert (await writer.submit(archive.record(make_dataset(instance=0)))).stored
+    seen = count_statements(writer)
+    for i in range(1, 4):
+        assert (await writer.submit(archive.record(make_dataset(instance=i)))).stored
+    assert seen == ["SELECT", "INSERT", "UPDATE", "UPDATE", "UPDATE"] * 3
+    seen.clear()
+    await writer.close()
+
+    grouped = archive.writer(start=False)
+    seen = count_statements(grouped)
+    records = [archive.record(make_dataset(instance=i)) for i in range(100, 100 + MAX_GROUP)]
+    results = await submit_as_one_group(grouped, records)
+    assert all(r.stored for r in results)
+    # A new writer has no cache yet: one lookup each for the patient, the study and the series.
+    assert sorted(seen) == sorted(["SELECT"] * 4 + ["INSERT"] + ["UPDATE"] * 3)
+    assert await count(archive.engine, instances) == 4 + MAX_GROUP
