@@ -137,6 +137,14 @@ def launch_daemon(base: Path, name: str, config_text: str | None = None, **setti
     return daemon
 
 
+def store_files(daemon: Daemon, paths) -> None:
+    """Send Part 10 files to the daemon with `pacsd store` (C-STORE over one association)."""
+    env = {k: v for k, v in daemon.env.items() if not k.startswith("PACSD_")}
+    result = subprocess.run([sys.executable, "-m", "pacsd", "store", "127.0.0.1", str(daemon.port),
+                             *map(str, paths)], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+
+
 @pytest.fixture
 def start_daemon(tmp_path):
     """Start `pacsd serve` for this test; stopped (SIGTERM) when the test ends."""

@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from pacsd.index.schema import instances, series, studies
+from pacsd.index.schema import instances, patients, series, studies
 from pacsd.uid import is_valid_uid
 from pacsd.web.errors import WebError
 
@@ -61,13 +61,44 @@ def check_uid(kind: str, uid: str) -> str:
 async def stored_instances(engine: AsyncEngine, study: str, series_uid: str | None = None,
                            instance: str | None = None) -> list[StoredInstance]:
     """The instances under the URL, in series and instance order; 404 when there are none."""
+    return [row[0] for row in await _select(engine, study, series_uid, instance, ())]
+
+
+@dataclass(frozen=True, slots=True)
+class LevelAttrs:
+    """The stored DICOM JSON (text) of an instance's four levels, with the row keys of the
+    upper three so that a caller can parse each patient, study and series once."""
+
+    patient_pk: int
+    study_pk: int
+    series_pk: int
+    patient: str
+    study: str
+    series: str
+    instance: str
+
+
+_ATTRS = (patients.c.pk, studies.c.pk, series.c.pk, patients.c.attrs, studies.c.attrs,
+          series.c.attrs, instances.c.attrs)
+
+
+async def stored_instances_with_attrs(engine: AsyncEngine, study: str, series_uid: str | None = None,
+                                      instance: str | None = None) -> list[tuple[StoredInstance, LevelAttrs]]:
+    """As stored_instances, each with its levels' DICOM JSON (for WADO-RS metadata)."""
+    return [(row[0], LevelAttrs(*row[1])) for row in
+            await _select(engine, study, series_uid, instance, _ATTRS)]
+
+
+async def _select(engine: AsyncEngine, study: str, series_uid: str | None, instance: str | None,
+                  extra: tuple) -> list[tuple[StoredInstance, tuple]]:
     check_uid("StudyInstanceUID", study)
     conditions = [studies.c.study_instance_uid == study]
     if series_uid is not None:
         conditions.append(series.c.series_instance_uid == check_uid("SeriesInstanceUID", series_uid))
     if instance is not None:
         conditions.append(instances.c.sop_instance_uid == check_uid("SOPInstanceUID", instance))
-    stmt = sa.select(*_COLUMNS).select_from(_JOINED).where(*conditions).order_by(*_ORDER_BY)
+    joined = _JOINED.join(patients, studies.c.patient_pk == patients.c.pk) if extra else _JOINED
+    stmt = sa.select(*_COLUMNS, *extra).select_from(joined).where(*conditions).order_by(*_ORDER_BY)
     async with engine.connect() as conn:
         rows = (await conn.execute(stmt)).all()
     if not rows:
@@ -78,4 +109,5 @@ async def stored_instances(engine: AsyncEngine, study: str, series_uid: str | No
         else:
             what = f"study {study}"
         raise WebError(404, f"no {what} is stored here")
-    return [StoredInstance(*row) for row in rows]
+    width = len(_COLUMNS)
+    return [(StoredInstance(*row[:width]), tuple(row[width:])) for row in rows]

@@ -27,7 +27,7 @@ from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 
 from pacsd.net.commitscu import build_action
-from tests.conftest import free_port, launch_daemon
+from tests.conftest import free_port, launch_daemon, store_files
 from tests.dicomdata import (
     CT_IMAGE_STORAGE,
     EXPLICIT_LE,
@@ -88,13 +88,6 @@ def _write(directory: Path, tag: str) -> tuple[dict, dict]:
     return files, refs
 
 
-def store(daemon, paths) -> None:
-    env = {k: v for k, v in daemon.env.items() if not k.startswith("PACSD_")}
-    result = subprocess.run([sys.executable, "-m", "pacsd", "store", "127.0.0.1", str(daemon.port),
-                             *map(str, paths)], capture_output=True, text=True, timeout=120, env=env)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-
-
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory) -> Archive:
     base = tmp_path_factory.mktemp("commitment")
@@ -106,7 +99,7 @@ def archive(tmp_path_factory) -> Archive:
         directory = base / "files"
         directory.mkdir()
         files, refs = _write(directory, "module")
-        store(daemon, [p for paths in files.values() for p in paths])
+        store_files(daemon, [p for paths in files.values() for p in paths])
         yield Archive(daemon, files, refs, report_port)
     finally:
         daemon.stop()
@@ -434,7 +427,7 @@ def test_report_is_delivered_after_a_restart(tmp_path, report_scp, sig):
         directory = tmp_path / "files"
         directory.mkdir()
         _files, refs = _write(directory, "restart")
-        store(daemon, [p for paths in _files.values() for p in paths[:1]])
+        store_files(daemon, [p for paths in _files.values() for p in paths[:1]])
         wanted = [paths[0] for paths in refs.values()]
         transaction = str(generate_uid())
         outcome = request(daemon.port, action_information(transaction, wanted), aet="MODALITY5",
@@ -474,7 +467,7 @@ def test_undelivered_report_expires(tmp_path):
         directory = tmp_path / "files"
         directory.mkdir()
         files, refs = _write(directory, "expiry")
-        store(daemon, files["ok"][:1])
+        store_files(daemon, files["ok"][:1])
         transaction = str(generate_uid())
         outcome = request(daemon.port, action_information(transaction, refs["ok"][:1]),
                           aet="NOWHERE", release_at_once=True)
