@@ -47,7 +47,7 @@ from pacsd.index.matching import (QUERY_RETRIEVE_LEVEL, SPECIFIC_CHARACTER_SET, 
 from pacsd.index.schema import instances, patients, series, studies
 
 __all__ = ["INDEX_LEVELS", "QUERY_RETRIEVE_LEVEL", "SPECIFIC_CHARACTER_SET", "Column", "Key", "Level", "Match",
-           "Query", "QueryError", "find", "keys_from_dataset", "parse_range", "set_character_set"]
+           "Query", "QueryError", "find", "home_level", "keys_from_dataset", "parse_range", "set_character_set"]
 
 RETRIEVE_AE_TITLE = 0x00080054
 INSTANCE_AVAILABILITY = 0x00080056
@@ -145,11 +145,13 @@ class Query:
     what its service allows); keys of lower levels cannot be answered at this level: they
     are returned empty and listed in `unsupported` (C-FIND: status FF01). `always_return`
     adds keys every response has (C-FIND: the unique keys of the level and above).
+    `include_attrs` names attrs levels ("patient", "study", ...) of the chain whose whole
+    stored JSON every match carries (`Match.attrs`), for callers that return more than keys.
     """
 
     def __init__(self, level: str, keys: Iterable[Key], *, levels: dict[str, Level] = INDEX_LEVELS,
                  pn_case_insensitive: bool = False, retrieve_ae_title: str | None = None,
-                 always_return: Iterable[int] = ()) -> None:
+                 always_return: Iterable[int] = (), include_attrs: Iterable[str] = ()) -> None:
         if level not in levels:
             raise QueryError("identifier", f"unknown query level {level!r}", QUERY_RETRIEVE_LEVEL)
         self.level = levels[level]
@@ -171,6 +173,8 @@ class Query:
         seen = {k.tag for k in keys}
         keys += [Key.of(tag) for tag in always_return if tag not in seen]
         self._compile(keys)
+        wanted = set(include_attrs)
+        self._attrs |= {lvl.attrs_level for lvl in self.chain if lvl.attrs_level in wanted}
 
     # where a key lives: ("column", level, column) | ("json", level) | ("const", value) | ("below",)
     def _place(self, tag: int) -> tuple:
@@ -310,19 +314,58 @@ def _element(json_tag: str, element: dict | None, tag: int, vr: str) -> DataElem
     return DataElement(tag, stored_vr, [] if stored_vr == "SQ" else None)
 
 
-async def find(engine: AsyncEngine, query: Query, batch: int = BATCH) -> AsyncIterator[Match]:
+def home_level(level: str, tag: int, levels: dict[str, Level] = INDEX_LEVELS) -> Level | None:
+    """The level of `level`'s chain (itself or one above) whose rows answer `tag`; None for
+    an attribute of a level below, which a query at `level` cannot match or return."""
+    chain = [levels[level]]
+    while chain[-1].parent:
+        chain.append(levels[chain[-1].parent])
+    if tag in (RETRIEVE_AE_TITLE, INSTANCE_AVAILABILITY):
+        return chain[0]
+    # the same order as Query._place: index columns first, then the attrs JSON
+    home = level_of(tag)
+    return next((lvl for lvl in chain if tag in lvl.columns), None) or next(
+        (lvl for lvl in chain if lvl.attrs_level == home), None)
+
+
+async def find(engine: AsyncEngine, query: Query, batch: int = BATCH, *, ordered: bool = False,
+               offset: int = 0, limit: int | None = None) -> AsyncIterator[Match]:
     """The matches of `query`, streamed: a server-side cursor read `batch` rows at a time,
     each row tested against the Python-matched keys before it is yielded. Close the
-    iterator (contextlib.aclosing) to stop early; the cursor and connection go with it."""
+    iterator (contextlib.aclosing) to stop early; the cursor and connection go with it.
+
+    `ordered` (implied by `offset`/`limit`) returns the matches in the order their entities
+    were indexed, so that repeated searches page through the same list, new entities at its
+    end. `offset` matches are skipped and at most `limit` yielded: in SQL when every key is
+    matched there, else counted here on the rows that passed the Python tests."""
+    if offset < 0 or (limit is not None and limit < 0):
+        raise ValueError("offset and limit are non-negative")
+    if limit == 0:
+        return
+    paged = offset > 0 or limit is not None
+    in_sql = paged and not query._checks
     async with engine.connect() as conn:
-        stmt = query.statement(conn.dialect.name).execution_options(yield_per=batch)
-        result = await conn.stream(stmt)
+        stmt = query.statement(conn.dialect.name)
+        if ordered or paged:
+            stmt = stmt.order_by(query.level.table.c.pk)
+        if in_sql:
+            stmt = stmt.offset(offset or None).limit(limit)
+            offset, limit = 0, None
+        result = await conn.stream(stmt.execution_options(yield_per=batch))
         try:
             async for rows in result.partitions(batch):
                 for row in rows:
                     match = Match(row)
-                    if query.accepts(match):
-                        yield match
+                    if not query.accepts(match):
+                        continue
+                    if offset:
+                        offset -= 1
+                        continue
+                    yield match
+                    if limit is not None:
+                        limit -= 1
+                        if limit == 0:
+                            return
         finally:
             await result.close()
 
