@@ -49,6 +49,8 @@ class Incoming:
     sop_class_uid: str | None = None
     sop_instance_uid: str | None = None
     buffer: bytearray | None = None
+    # STOW-RS to /studies/{study}: the study every instance of the request must belong to.
+    study_instance_uid: str | None = None
 
 
 @dataclass
@@ -58,6 +60,9 @@ class Outcome:
     stored: bool = False
     duplicate: bool = False
     blob_key: str | None = None
+    # Where a stored instance sits (STOW-RS answers with its URL).
+    study_instance_uid: str | None = None
+    series_instance_uid: str | None = None
 
 
 class Rejected(Exception):
@@ -107,6 +112,8 @@ class Ingest:
                 return Outcome(*_resource_status(exc))
             return Outcome(Status.OUT_OF_RESOURCES, f"index write failed: {type(exc).__name__}")
         uid = record.rows.instance["sop_instance_uid"]
+        where = {"study_instance_uid": record.rows.study["study_instance_uid"],
+                 "series_instance_uid": record.rows.series["series_instance_uid"]}
         if written.replaced_key:
             await loop.run_in_executor(self.executor, self.store.delete, written.replaced_key)
             log.info("ingest.duplicate_overwritten", sop_instance_uid=uid, calling_ae=incoming.calling_ae)
@@ -119,8 +126,9 @@ class Ingest:
                                duplicate=True)
             log.warning("ingest.duplicate_kept", sop_instance_uid=uid, calling_ae=incoming.calling_ae,
                         note="kept the copy stored first")
-            return Outcome(Status.SUCCESS, duplicate=True)
-        return Outcome(Status.SUCCESS, stored=True, duplicate=written.duplicate, blob_key=record.blob_key)
+            return Outcome(Status.SUCCESS, duplicate=True, **where)
+        return Outcome(Status.SUCCESS, stored=True, duplicate=written.duplicate, blob_key=record.blob_key,
+                       **where)
 
     def _prepare(self, incoming: Incoming) -> IndexRecord:
         """Everything before the index, in an executor thread."""
@@ -183,6 +191,12 @@ class Ingest:
             raise Rejected(Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
                            f"SOP Class UID {found['SOPClassUID']} in the data set differs from "
                            f"the Affected SOP Class UID {incoming.sop_class_uid}")
+        if incoming.study_instance_uid is not None and found["StudyInstanceUID"] != incoming.study_instance_uid:
+            # No Storage status means "wrong study"; PS3.18 10.5.3 counts it a conflict, and
+            # 0110 (processing failure) is the Failure Reason of Table I.2-2 that fits.
+            raise Rejected(Status.PROCESSING_FAILURE,
+                           f"Study Instance UID {found['StudyInstanceUID']} differs from the study "
+                           f"{incoming.study_instance_uid} the request was sent to")
         if incoming.sop_instance_uid is not None and found["SOPInstanceUID"] != incoming.sop_instance_uid:
             raise Rejected(Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
                            f"SOP Instance UID {found['SOPInstanceUID']} in the data set differs "
