@@ -2,12 +2,13 @@
 
     .venv/bin/python bench/run.py [--only ROW,...] [--servers NAME,...] [--corpus DIR]
 
-Rows (keys for --only): small, ct512, small4, nagle, find, find10k, move, huge.
-Servers: pacsd, orthanc, storescp. Each server starts fresh for each row, on loopback with
-TCP_NODELAY=1; the clients are DCMTK storescu / movescu and, for C-FIND, pacsd's own SCU
-over one association (the same client for every server). The table gives each value and
-the ratio pacsd / peer; the run is also written to bench/results/bench-<time>.json, which
-bench/compare.py compares with another run.
+Rows (keys for --only): small, ct512, small4, nagle, find, find10k, qido, qido10k, move,
+wado, huge. Servers: pacsd, orthanc, storescp. Each server starts fresh for each row, on
+loopback with TCP_NODELAY=1; the clients are DCMTK storescu / movescu, for C-FIND pacsd's
+own SCU over one association, for QIDO-RS one keep-alive httpx client and for WADO-RS curl
+(the same client for every server). The table gives each value and the ratio pacsd / peer;
+the run is also written to bench/results/bench-<time>.json, which bench/compare.py compares
+with another run.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import os
 import platform
 import random
+import re
 import shutil
 import statistics
 import subprocess
@@ -25,10 +27,11 @@ import sys
 import tempfile
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -62,12 +65,30 @@ class Context:
     studies: int
     per_study: int
     repeat: int
+    retrieves: int = 5
+    # Rows whose stored data a later row reads (ct512 for wado, find for qido, find10k for
+    # qido10k), and where each server's data directory from such a row's last good
+    # repetition was put aside.
+    reuse: set[str] = field(default_factory=set)
+    kept: dict[tuple[str, str], Path] = field(default_factory=dict)
+    filled: tuple[Path, float] | None = None  # the find10k index and the seconds filling it took
     results: list[Result] = field(default_factory=list)
 
-    def each(self, row: str, names: list[str], measure: Callable[[type[Server], Result], None]) -> None:
+    def keep(self, row: str, name: str) -> Path:
+        """Put the server `name`'s data directory aside for later rows; returns where."""
+        target = self.work / "kept" / row / name
+        shutil.rmtree(target, ignore_errors=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (self.work / name).rename(target)
+        self.kept[(row, name)] = target
+        return target
+
+    def each(self, row: str, names: list[str], measure: Callable[[type[Server], Result], None],
+             reusable: tuple[str, ...] = ()) -> None:
         """Run `measure` for each selected server, `repeat` times in turn, each time on a fresh
         server; keep the median of each metric and the highest peak RSS. An exception becomes
-        that server's error and does not stop the others."""
+        that server's error and does not stop the others. The data directory of a server in
+        `reusable` after a good repetition is put aside (see `keep`) when a later row reuses it."""
         runs: dict[str, list[Result]] = {name: [] for name in names if name in self.servers}
         for repetition in range(self.repeat):
             for name, results in runs.items():
@@ -85,6 +106,8 @@ class Context:
                       f"{f'  FAILURES {result.failures}' if result.failures else ''}"
                       f"{f'  ERROR {result.error}' if result.error else ''}"
                       f"  ({time.perf_counter() - started:.0f} s)", flush=True)
+                if name in reusable and row in self.reuse and not result.error and not result.failures:
+                    self.keep(row, name)
                 shutil.rmtree(self.work / name, ignore_errors=True)
         for name, results in runs.items():
             good = [r for r in results if not r.error]
@@ -103,7 +126,8 @@ def megabytes(files: list[Path]) -> float:
 
 # --- rows -----------------------------------------------------------------------------------
 
-def ingest(ctx: Context, row: str, chunks: list[list[Path]], nodelay: bool = True) -> None:
+def ingest(ctx: Context, row: str, chunks: list[list[Path]], nodelay: bool = True,
+           reusable: tuple[str, ...] = ()) -> None:
     """storescu, one process per chunk, all at once; every server on the same files."""
     count = sum(len(c) for c in chunks)
     mb = megabytes([f for c in chunks for f in c])
@@ -114,7 +138,7 @@ def ingest(ctx: Context, row: str, chunks: list[list[Path]], nodelay: bool = Tru
             result.peak_rss_mib = server.peak_rss_mib()
         result.metrics = {"per_second": count / seconds, "mb_per_second": mb / seconds, "seconds": seconds}
 
-    ctx.each(row, list(SERVERS), measure)
+    ctx.each(row, list(SERVERS), measure, reusable)
 
 
 def row_small(ctx: Context) -> None:
@@ -122,7 +146,7 @@ def row_small(ctx: Context) -> None:
 
 
 def row_ct512(ctx: Context) -> None:
-    ingest(ctx, "ct512", [corpus_mod.write_ct512(ctx.corpus)])
+    ingest(ctx, "ct512", [corpus_mod.write_ct512(ctx.corpus)], reusable=("pacsd", "orthanc"))
 
 
 def row_small4(ctx: Context) -> None:
@@ -150,30 +174,66 @@ def row_find(ctx: Context) -> None:
             result.peak_rss_mib = server.peak_rss_mib()
         result.metrics = find_metrics(latencies, counts) | {"store_per_second": len(files) / seconds}
 
-    ctx.each("find", ["pacsd", "orthanc"], measure)
+    ctx.each("find", ["pacsd", "orthanc"], measure, reusable=("pacsd", "orthanc"))
 
 
 def row_find10k(ctx: Context) -> None:
     """pacsd only: an index of 10,000 studies / 1,000,000 instances filled through its tables
-    (once; each repetition starts on a copy)."""
-    filled = ctx.work / "find10k" / "index.db"
-    filled.parent.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    fill_index(f"sqlite+aiosqlite:///{filled}", ctx.studies, ctx.per_study)
-    fill = time.perf_counter() - started
+    (once a run; each repetition starts on a copy)."""
+    filled, fill = filled_index(ctx)
 
     def measure(cls: type[Server], result: Result) -> None:
-        server = cls(ctx.work)
-        for suffix in ("", "-wal"):
-            if Path(f"{filled}{suffix}").exists():
-                shutil.copy(f"{filled}{suffix}", server.data / f"index.db{suffix}")
+        server = on_filled_index(cls(ctx.work), filled)
         with server:
             latencies, counts = asyncio.run(find_latencies(server.port, ctx.queries, server.ae))
             result.peak_rss_mib = server.peak_rss_mib()
         result.metrics = find_metrics(latencies, counts) | {"fill_seconds": fill}
 
     ctx.each("find10k", ["pacsd"], measure)
-    shutil.rmtree(filled.parent, ignore_errors=True)
+    if "find10k" not in ctx.reuse:
+        shutil.rmtree(filled.parent, ignore_errors=True)
+        ctx.filled = None
+
+
+def filled_index(ctx: Context) -> tuple[Path, float]:
+    """The find10k index, filled on first use and shared by the rows of this run."""
+    if ctx.filled is None:
+        filled = ctx.work / "find10k" / "index.db"
+        filled.parent.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        fill_index(f"sqlite+aiosqlite:///{filled}", ctx.studies, ctx.per_study)
+        ctx.filled = filled, time.perf_counter() - started
+    return ctx.filled
+
+
+def on_filled_index(server: Server, filled: Path) -> Server:
+    for suffix in ("", "-wal"):
+        if Path(f"{filled}{suffix}").exists():
+            shutil.copy(f"{filled}{suffix}", server.data / f"index.db{suffix}")
+    return server
+
+
+@contextmanager
+def holding(ctx: Context, row: str, cls: type[Server], files: list[Path]) -> Iterator[Server]:
+    """A server started on a data directory that holds `files`: the one the row `row` left
+    behind in this run, or else one filled now with storescu by a server that is then
+    stopped. Either way the server measured has only started and served the reads, so its
+    peak RSS is theirs. The directory is put aside again afterwards for the next repetition."""
+    kept = ctx.kept.get((row, cls.name))
+    if kept is None:
+        with cls(ctx.work) as server:
+            _, failures = storescu(server, [files])
+        if failures:
+            raise RuntimeError(f"{failures} of {len(files)} instances were not stored")
+        kept = ctx.keep(row, cls.name)
+    server = cls(ctx.work)
+    server.data.rmdir()
+    kept.rename(server.data)
+    try:
+        with server:
+            yield server
+    finally:
+        server.data.rename(kept)
 
 
 def row_move(ctx: Context) -> None:
@@ -200,8 +260,149 @@ def row_move(ctx: Context) -> None:
     ctx.each("move", ["pacsd", "orthanc"], measure)
 
 
+# --- DICOMweb -------------------------------------------------------------------------------
+
+# What a viewer or a Python client asks for when it wants the stored bytes, whatever their
+# transfer syntax; Orthanc's plugin (1.7) accepts it as it is.
+WADO_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+CURL = "/usr/bin/curl"
+
+
+def row_wado(ctx: Context) -> None:
+    """WADO-RS retrieve of the 200 x 512x512 study, read to the end `ctx.retrieves` times."""
+    files = corpus_mod.write_ct512(ctx.corpus)
+    study = corpus_mod.uid("ct512", "study", 0)
+
+    def measure(cls: type[Server], result: Result) -> None:
+        with holding(ctx, "ct512", cls, files) as server:
+            url = f"{server.dicomweb}/studies/{study}"
+            # One untimed retrieve that counts the parts: each instance must come back.
+            result.failures = len(files) - count_parts(url)
+            timings = [timed_get(url) for _ in range(ctx.retrieves)]
+            result.peak_rss_mib = server.peak_rss_mib()
+        result.metrics = {"mb_per_second": statistics.median(size / total / 1e6 for size, _, total in timings),
+                          "first_byte_ms": statistics.median(first * 1000 for _, first, _ in timings),
+                          "mb": timings[0][0] / 1e6}
+
+    ctx.each("wado", ["pacsd", "orthanc"], measure)
+
+
+def count_parts(url: str) -> int:
+    """Reads the multipart/related answer to a WADO-RS retrieve as a stream; its parts."""
+    import httpx
+
+    with httpx.Client(timeout=120) as client, client.stream("GET", url, headers={"Accept": WADO_ACCEPT}) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"GET {url}: HTTP {r.status_code} {r.read()[:200]!r}")
+        found = re.search(r'boundary="?([^";]+)', r.headers.get("content-type", ""))
+        if not found:
+            raise RuntimeError(f"GET {url}: no boundary in {r.headers.get('content-type')!r}")
+        delimiter = b"--" + found.group(1).encode()
+        seen, tail = 0, b""
+        for chunk in r.iter_raw():
+            data = tail + chunk
+            seen += data.count(delimiter)
+            tail = data[-(len(delimiter) - 1):]
+    return seen - 1  # the last delimiter closes the body
+
+
+def timed_get(url: str) -> tuple[int, float, float]:
+    """(body bytes, seconds to the first byte, seconds in all) of one WADO-RS retrieve, by
+    curl, which reads ~1.4 GB/s on loopback where httpx manages ~0.5: a Python client would
+    be what the row measures."""
+    if not Path(CURL).exists():
+        import httpx
+        started = time.perf_counter()
+        first, size = None, 0
+        with httpx.stream("GET", url, headers={"Accept": WADO_ACCEPT}, timeout=120) as r:
+            if r.status_code != 200:
+                raise RuntimeError(f"GET {url}: HTTP {r.status_code}")
+            for chunk in r.iter_raw():
+                first = first or time.perf_counter() - started
+                size += len(chunk)
+        return size, first or 0.0, time.perf_counter() - started
+    out = subprocess.run([CURL, "-sS", "-o", os.devnull, "-H", f"Accept: {WADO_ACCEPT}",
+                          "-w", "%{http_code} %{size_download} %{time_starttransfer} %{time_total}", url],
+                         capture_output=True, text=True, timeout=300)
+    code, size, first, total = out.stdout.split() if out.returncode == 0 else ("", 0, 0, 0)
+    if code != "200":
+        raise RuntimeError(f"curl GET {url}: {code or out.stderr.strip()}")
+    return int(size), float(first), float(total)
+
+
+def row_qido(ctx: Context) -> None:
+    """QIDO-RS study queries on the 1,000 studies of the find row."""
+    files = corpus_mod.write_find(ctx.corpus)
+
+    def measure(cls: type[Server], result: Result) -> None:
+        with holding(ctx, "find", cls, files) as server:
+            result.metrics, result.failures = qido_latencies(server.dicomweb, ctx.queries, len(files) // 5)
+            result.peak_rss_mib = server.peak_rss_mib()
+
+    ctx.each("qido", ["pacsd", "orthanc"], measure)
+
+
+def row_qido10k(ctx: Context) -> None:
+    """pacsd only: the same QIDO-RS queries on the find10k index."""
+    filled, _ = filled_index(ctx)
+
+    def measure(cls: type[Server], result: Result) -> None:
+        with on_filled_index(cls(ctx.work), filled) as server:
+            result.metrics, result.failures = qido_latencies(server.dicomweb, ctx.queries, ctx.studies // 5)
+            result.peak_rss_mib = server.peak_rss_mib()
+
+    ctx.each("qido10k", ["pacsd"], measure)
+
+
+# The study attributes a worklist shows beyond the required ones (as OHIF asks for them).
+INCLUDE = ["00081030", "00080061", "00201206", "00201208"]  # description, modalities, series, instances
+
+
+def qido_latencies(base: str, queries: int, patients: int) -> tuple[dict[str, float], int]:
+    """Two kinds of STUDY query, `queries` of each, over one keep-alive connection: one
+    patient's studies by PatientID (5 matches) with INCLUDE, and the C-FIND rows' PatientName
+    wildcard + half-year StudyDate range. p50/p99 ms of each, matches, and failed requests."""
+    import httpx
+
+    rng = random.Random(2)
+    kinds: dict[str, list[float]] = {"patient": [], "range": []}
+    matches, failures = 0, 0
+    with httpx.Client(base_url=base, timeout=60, headers={"Accept": "application/dicom+json"}) as client:
+        for n in range(2 * queries):
+            if n % 2 == 0:
+                kind = "patient"
+                params = [("PatientID", f"P{rng.randrange(patients):06d}")] + [("includefield", t) for t in INCLUDE]
+            else:
+                kind = "range"
+                year = 2010 + rng.randrange(16)
+                params = [("PatientName", f"{rng.choice(corpus_mod.NAMES)}^*"),
+                          ("StudyDate", f"{year}0101-{year}0630")]
+            # Written out rather than percent-encoded: Orthanc 1.10.1 does not decode %5E / %2A
+            # in query values (PatientName=ADAMS%5E* matches nothing there), and ^ and * may
+            # stand in a query as they are.
+            query = "&".join(f"{key}={value}" for key, value in params)
+            started = time.perf_counter()
+            r = client.get(f"/studies?{query}")
+            body = r.content
+            kinds[kind].append((time.perf_counter() - started) * 1000)
+            if r.status_code == 200:
+                matches += len(json.loads(body))
+            elif r.status_code != 204:  # 204: no study matched
+                failures += 1
+                if failures == 1:
+                    print(f"    GET /studies?{query}: HTTP {r.status_code} {body[:200]!r}")
+    if failures == 2 * queries:
+        raise RuntimeError(f"every QIDO-RS request failed ({base})")
+    metrics = {}
+    for kind, latencies in kinds.items():
+        metrics |= {f"{kind}_p50_ms": percentile(latencies, 50), f"{kind}_p99_ms": percentile(latencies, 99)}
+    return metrics | {"total_matches": matches}, failures
+
+
 INGEST = [("per_second", "inst/s (MB/s)")]
 FIND = [("p50_ms", "p50 ms"), ("p99_ms", "p99 ms")]
+QIDO = [("patient_p50_ms", "PatientID p50 ms"), ("patient_p99_ms", "PatientID p99 ms"),
+        ("range_p50_ms", "name+dates p50 ms"), ("range_p99_ms", "name+dates p99 ms")]
 # key, title, (metric, label) lines of the table, function
 ROWS: list[tuple[str, str, list[tuple[str, str]], Callable[[Context], None]]] = [
     ("small", "C-STORE 2,000 CT 64x64, 1 association", INGEST, row_small),
@@ -210,7 +411,12 @@ ROWS: list[tuple[str, str, list[tuple[str, str]], Callable[[Context], None]]] = 
     ("nagle", "C-STORE 200 CT 64x64, storescu default (Nagle on)", INGEST, row_nagle),
     ("find", "C-FIND STUDY, 1,000 studies stored by C-STORE", FIND, row_find),
     ("find10k", "C-FIND STUDY, 10,000 studies / 1M instances (pacsd only)", FIND, row_find10k),
+    ("qido", "QIDO-RS studies, 1,000 studies stored by C-STORE", QIDO, row_qido),
+    ("qido10k", "QIDO-RS studies, 10,000 studies / 1M instances (pacsd only)", QIDO, row_qido10k),
     ("move", "C-MOVE 200 CT 512x512 to storescp", INGEST, row_move),
+    ("wado", "WADO-RS retrieve of the 200 CT 512x512 study", [("mb_per_second", "MB/s"),
+                                                               ("first_byte_ms", "first byte ms"),
+                                                               ("peak_rss_mib", "peak RSS MiB")], row_wado),
     ("huge", "C-STORE one 1 GiB multi-frame instance", [("mb_per_second", "MB/s"),
                                                         ("peak_rss_mib", "peak RSS MiB")], row_huge),
 ]
@@ -414,7 +620,9 @@ def main() -> None:
                         help="where the generated corpus lives (kept and reused between runs)")
     parser.add_argument("--work", type=Path, help="scratch directory for the servers (kept if given)")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each row and server (median kept)")
-    parser.add_argument("--queries", type=int, default=200, help="C-FIND queries per server")
+    parser.add_argument("--queries", type=int, default=200,
+                        help="C-FIND queries per server; QIDO-RS: this many of each kind")
+    parser.add_argument("--retrieves", type=int, default=5, help="timed WADO-RS retrieves per run (median kept)")
     parser.add_argument("--studies", type=int, default=10_000, help="studies in the find10k index")
     parser.add_argument("--instances-per-study", type=int, default=100, help="instances a study in find10k")
     args = parser.parse_args()
@@ -430,7 +638,9 @@ def main() -> None:
 
     work = args.work or Path(tempfile.mkdtemp(prefix="pacsd-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    ctx = Context(args.corpus, work, servers, args.queries, args.studies, args.instances_per_study, args.repeat)
+    reused = {row for row, later in (("ct512", "wado"), ("find", "qido"), ("find10k", "qido10k")) if later in only}
+    ctx = Context(args.corpus, work, servers, args.queries, args.studies, args.instances_per_study, args.repeat,
+                  args.retrieves, reuse=reused)
     load = os.getloadavg()
     fsync = fdatasync_ms(work)
     print(f"fdatasync of a 4 KiB append in {work}: {fsync:.2f} ms (median)", flush=True)
@@ -465,6 +675,9 @@ def main() -> None:
           f"ratios are pacsd / peer (for ms and MiB lower is better); written to {os.path.relpath(path)}")
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
+    else:  # the data kept for later rows and the filled index are this run's alone
+        for leftover in ("kept", "find10k"):
+            shutil.rmtree(work / leftover, ignore_errors=True)
 
 
 if __name__ == "__main__":

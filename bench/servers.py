@@ -80,6 +80,7 @@ class Server:
         self.data = workdir / self.name
         self.peers = peers or {}  # AE title -> loopback port, for C-MOVE destinations
         self.port = free_port()
+        self.http_port: int | None = None  # DICOMweb, for the servers that have it
         self.proc: subprocess.Popen | None = None
         if fresh:
             shutil.rmtree(self.data, ignore_errors=True)
@@ -97,6 +98,8 @@ class Server:
                                          stdout=log, stderr=subprocess.STDOUT)
         try:
             wait_for_port(self.port, self.proc)
+            if self.http_port:
+                wait_for_port(self.http_port, self.proc)
         except Exception as exc:
             self.stop()
             with open(log_path, "rb") as log:
@@ -104,6 +107,11 @@ class Server:
                 tail = log.read().decode(errors="replace").strip().splitlines()[-3:]
             raise RuntimeError(f"{self.name} did not start ({exc}): {' / '.join(tail)}") from exc
         return self
+
+    @property
+    def dicomweb(self) -> str:
+        """Base URL of the server's DICOMweb resources (…/studies, …)."""
+        raise NotImplementedError(f"{self.name} does not serve DICOMweb")
 
     def peak_rss_mib(self) -> float:
         return peak_rss_mib(self.proc.pid)
@@ -128,11 +136,20 @@ class Pacsd(Server):
     name = "pacsd"
     ae = "PACSD"
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.http_port = free_port()
+
+    @property
+    def dicomweb(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}/dicom-web"
+
     def command(self) -> tuple[list[str], dict[str, str]]:
         peers = [{"ae_title": ae, "host": "127.0.0.1", "port": port} for ae, port in self.peers.items()]
         return [sys.executable, "-m", "pacsd", "serve"], {
             "PACSD_DICOM__PORT": str(self.port), "PACSD_DICOM__BIND": "127.0.0.1",
-            "PACSD_HTTP__PORT": str(free_port()), "PACSD_STORAGE__DATA_DIR": str(self.data),
+            "PACSD_HTTP__PORT": str(self.http_port), "PACSD_HTTP__BIND": "127.0.0.1",
+            "PACSD_STORAGE__DATA_DIR": str(self.data),
             "PACSD_DATABASE__URL": f"sqlite+aiosqlite:///{self.data}/index.db",
             "PACSD_LOGGING__LEVEL": "warning", "PACSD_PEERS": json.dumps(peers)}
 
@@ -142,6 +159,14 @@ class Orthanc(Server):
 
     name = "orthanc"
     ae = "ORTHANC"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.http_port = free_port()
+
+    @property
+    def dicomweb(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}/dicom-web"
 
     def command(self) -> tuple[list[str], dict[str, str]]:
         # Anything not named here keeps Orthanc's built-in default (fsync on, DICOM threads 4...).
@@ -156,10 +181,13 @@ class Orthanc(Server):
             "DicomPort": self.port,
             "DicomCheckCalledAet": False,
             "DicomModalities": modalities,
-            "HttpPort": free_port(),
+            "HttpPort": self.http_port,
             "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False,
+            # The folder, as the Debian service does: DICOMweb (below) plus ServeFolders and
+            # ModalityWorklists, which have nothing to do here.
             "Plugins": [ORTHANC_PLUGINS],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
         }
         path = self.workdir / "orthanc.json"
         path.write_text(json.dumps(config, indent=2))
