@@ -52,6 +52,7 @@ __all__ = [
     "check_structure",
     "read_header",
     "build_file_meta",
+    "DataSetReader",
     "IMPLICIT_VR_LITTLE_ENDIAN",
     "EXPLICIT_VR_LITTLE_ENDIAN",
     "EXPLICIT_VR_BIG_ENDIAN",
@@ -169,21 +170,22 @@ def _encoding_for(transfer_syntax: str) -> tuple[_Encoding, bool]:
 
 
 class _FileSource:
-    __slots__ = ("f", "end", "buf", "base")
+    __slots__ = ("f", "end", "buf", "base", "window")
 
     deflated = False
 
-    def __init__(self, f: BinaryIO, start: int, end: int) -> None:
+    def __init__(self, f: BinaryIO, start: int, end: int, window: int = _WINDOW) -> None:
         self.f = f
         self.end = end
         self.buf = b""
         self.base = start
+        self.window = window
 
     def need(self, pos: int, n: int) -> int:
         i = pos - self.base
         if i >= 0 and i + n <= len(self.buf):
             return i
-        size = min(max(_WINDOW, n), self.end - pos)
+        size = min(max(self.window, n), self.end - pos)
         if size <= 0:
             self.buf, self.base = b"", pos
             return 0
@@ -324,6 +326,48 @@ class _InflateSource:
     @staticmethod
     def where(pos: int) -> str:
         return f"inflated byte {pos}"
+
+
+class DataSetReader:
+    """The bytes of a stored data set by position, for walkers of their own (pacsd.web).
+
+    Positions are file offsets; for the deflated transfer syntaxes they count inflated bytes
+    from 0 (`start`), and reading goes forward only. `end` is the end of the data set, None
+    for a deflated one (known when the stream ends). Raises DataSetError where the walker
+    here would: a corrupt or truncated deflate stream, one that inflates beyond its cap.
+    """
+
+    def __init__(self, f: BinaryIO, start: int, end: int, transfer_syntax: str, *,
+                 window: int = _WINDOW, max_inflated: int = MAX_INFLATED) -> None:
+        _, deflated = _encoding_for(transfer_syntax)
+        if deflated:
+            self._src = _InflateSource(f, start, end, max_inflated)
+            self.start, self.end = 0, None
+        else:
+            self._src = _FileSource(f, start, end, window)
+            self.start, self.end = start, end
+
+    def read(self, pos: int, n: int) -> bytes:
+        """Up to n bytes at pos: fewer only where the data set ends."""
+        src = self._src
+        if not src.deflated:
+            i = src.need(pos, n)
+            return src.buf[i:i + n]
+        if pos < src.base:
+            raise DataSetError(f"cannot go back to {src.where(pos)} (the inflater is at {src.base})")
+        if n <= _INFLATE_OUT:
+            i = src.need(pos, n)
+            return src.buf[i:i + n]
+        # Large reads in inflater-sized pieces: need() grows its window by concatenation.
+        parts = []
+        while n > 0:
+            part = self.read(pos, min(n, _INFLATE_OUT))
+            if not part:
+                break
+            parts.append(part)
+            pos += len(part)
+            n -= len(part)
+        return b"".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------

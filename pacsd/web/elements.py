@@ -11,14 +11,15 @@ inside explicit VR sequences as pydicom detects them, UN of undefined length hol
 VR little endian items, fragments for undefined-length pixel data and OB/OW values) and raises
 ElementError rather than guess when a length does not fit its container.
 
-Positions are offsets in the file, except for the deflated transfer syntaxes, where they count
-inflated bytes of the data set (the file cannot be seeked to them); `read_ranges` knows both.
+The bytes come through ingest/dataset.py's DataSetReader (the window and inflater that walker
+uses). Positions are offsets in the file, except for the deflated transfer syntaxes, where they
+count inflated bytes of the data set (the file cannot be seeked to them); `read_ranges` knows
+both.
 """
 
 from __future__ import annotations
 
 import struct
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -29,6 +30,8 @@ from pacsd.ingest.dataset import (
     DEFLATED_TRANSFER_SYNTAXES,
     EXPLICIT_VR_BIG_ENDIAN,
     IMPLICIT_VR_LITTLE_ENDIAN,
+    DataSetError,
+    DataSetReader,
 )
 
 PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # Pixel Data, Float, Double Float
@@ -98,6 +101,10 @@ def parse_path(text: str) -> tuple[int, ...] | None:
     return tuple(out)
 
 
+def _tag(tag: int) -> str:
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
 def _vr_of(tag: int) -> str:
     """The VR of an implicit VR element: the dictionary's, one choice for the ambiguous ones."""
     try:
@@ -108,104 +115,6 @@ def _vr_of(tag: int) -> str:
         choices = vr.split(" or ")
         return "OW" if "OW" in choices else choices[0]
     return vr
-
-
-# ---------------------------------------------------------------------------------------------
-# Byte sources: get(pos, n) returns up to n bytes at pos; positions only move forward much.
-
-
-class _FileSource:
-    def __init__(self, f: BinaryIO, start: int, end: int) -> None:
-        self.f = f
-        self.end = end
-        self.buf = b""
-        self.base = start
-
-    def get(self, pos: int, n: int) -> bytes:
-        i = pos - self.base
-        if 0 <= i and i + n <= len(self.buf):
-            return self.buf[i:i + n]
-        size = min(max(_WINDOW, n), self.end - pos)
-        if size <= 0:
-            return b""
-        self.f.seek(pos)
-        self.buf, self.base = self.f.read(size), pos
-        return self.buf[:n]
-
-
-class _InflateSource:
-    """The inflated data set of a deflated transfer syntax, produced as the walk goes."""
-
-    end = None
-
-    def __init__(self, f: BinaryIO, start: int, end: int) -> None:
-        f.seek(start)
-        self.f = f
-        self.left = end - start
-        self.z = zlib.decompressobj(-zlib.MAX_WBITS)
-        self.flushed = False
-        self.buf = b""
-        self.base = 0
-
-    def _more(self) -> bytes:
-        z = self.z
-        while not z.eof:
-            data = z.unconsumed_tail
-            if not data:
-                if self.left > 0:
-                    data = self.f.read(min(_CHUNK, self.left))
-                    if not data:
-                        return b""
-                    self.left -= len(data)
-                elif not self.flushed:
-                    self.flushed = True
-                    return z.flush()
-                else:
-                    return b""
-            try:
-                out = z.decompress(data, 64 * 1024)
-            except zlib.error as exc:
-                raise ElementError(f"the deflated data set is corrupt: {exc}") from None
-            if out:
-                return out
-        return b""
-
-    def get(self, pos: int, n: int) -> bytes:
-        if pos < self.base:
-            raise ElementError(f"cannot go back to inflated byte {pos} (at {self.base})")
-        skip = pos - self.base
-        if skip >= len(self.buf):
-            skip -= len(self.buf)
-            self.base += len(self.buf)
-            self.buf = b""
-            while skip > 0:
-                more = self._more()
-                if not more:
-                    return b""
-                if len(more) <= skip:
-                    skip -= len(more)
-                    self.base += len(more)
-                else:
-                    self.buf, self.base, skip = more[skip:], self.base + skip, 0
-        else:
-            self.buf, self.base = self.buf[skip:], pos
-        parts = [self.buf]
-        have = len(self.buf)
-        while have < n:
-            more = self._more()
-            if not more:
-                break
-            parts.append(more)
-            have += len(more)
-        if len(parts) > 1:
-            self.buf = b"".join(parts)
-        return self.buf[:n]
-
-
-def _source(f: BinaryIO, offset: int, size: int, transfer_syntax: str):
-    if transfer_syntax in DEFLATED_TRANSFER_SYNTAXES:
-        return _InflateSource(f, offset, size), 0
-    return _FileSource(f, offset, size), offset
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,7 +130,7 @@ class _Walker:
         self.done = False
 
     def _head(self, pos: int, n: int, limit: int | None) -> bytes:
-        head = self.src.get(pos, n)
+        head = self.src.read(pos, n)
         if limit is not None:
             head = head[:max(0, limit - pos)]
         return head
@@ -290,25 +199,29 @@ class _Walker:
             if top and self.stop and tag in PIXEL_TAGS:
                 self.done = True
 
+    def _item_header(self, pos: int, limit: int | None, inside: str) -> tuple[int, int]:
+        """(tag, length) of the 8-byte item, delimiter or fragment header at pos."""
+        head = self._head(pos, 8, limit)
+        if len(head) < 8:
+            raise ElementError(f"the data set ends inside {inside} at byte {pos}")
+        group, elem, length = struct.unpack_from(self.o + "HHL", head)
+        return group << 16 | elem, length
+
     def sequence(self, implicit: bool, limit: int | None, bound: int | None,
                  prefix: tuple[int, ...], depth: int) -> Iterator[Element]:
         if depth > _MAX_DEPTH:
             raise ElementError(f"sequences nested more than {_MAX_DEPTH} deep")
-        o, index = self.o, 0
+        index = 0
         while True:
             pos = self.pos
             if limit is not None and pos >= limit:
                 return
-            head = self._head(pos, 8, bound)
-            if len(head) < 8:
-                raise ElementError(f"the data set ends inside a sequence at byte {pos}")
-            group, elem, length = struct.unpack_from(o + "HHL", head)
-            tag = group << 16 | elem
+            tag, length = self._item_header(pos, bound, "a sequence")
             if tag == _SEQUENCE_DELIMITER:
                 self.pos = pos + 8
                 return
             if tag != _ITEM:
-                raise ElementError(f"({group:04X},{elem:04X}) at byte {pos} where an item should be")
+                raise ElementError(f"{_tag(tag)} at byte {pos} where an item should be")
             start = pos + 8
             end = None if length == _UNDEFINED else start + length
             item_implicit = implicit or self._looks_implicit(start, end if end is not None else bound)
@@ -320,19 +233,30 @@ class _Walker:
             index += 1
 
     def fragments(self, pos: int, limit: int | None) -> tuple[tuple[tuple[int, int], ...], int]:
-        o, out = self.o, []
+        out = []
         while True:
-            head = self._head(pos, 8, limit)
-            if len(head) < 8:
-                raise ElementError(f"the data set ends inside an encapsulated value at byte {pos}")
-            group, elem, length = struct.unpack_from(o + "HHL", head)
-            tag = group << 16 | elem
+            tag, length = self._item_header(pos, limit, "an encapsulated value")
             if tag == _SEQUENCE_DELIMITER:
                 return tuple(out), pos + 8
             if tag != _ITEM or length == _UNDEFINED:
-                raise ElementError(f"({group:04X},{elem:04X}) at byte {pos} where a fragment should be")
+                raise ElementError(f"{_tag(tag)} at byte {pos} where a fragment should be")
             out.append((pos + 8, length))
             pos += 8 + length
+
+
+def _walker(f: BinaryIO, offset: int, transfer_syntax: str, stop_at_pixel_data: bool) -> _Walker:
+    size = f.seek(0, 2)
+    walker = _Walker(DataSetReader(f, offset, size, transfer_syntax, window=_WINDOW),
+                     transfer_syntax != EXPLICIT_VR_BIG_ENDIAN, stop_at_pixel_data)
+    walker.pos = walker.src.start
+    return walker
+
+
+def _elements(walker: _Walker, transfer_syntax: str) -> Iterator[Element]:
+    try:
+        yield from walker.dataset(transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN, walker.src.end, (), 0)
+    except DataSetError as exc:  # from the byte source: a broken deflate stream
+        raise ElementError(str(exc)) from None
 
 
 def walk(path: Path, offset: int, transfer_syntax: str, *,
@@ -342,13 +266,19 @@ def walk(path: Path, offset: int, transfer_syntax: str, *,
     With `stop_at_pixel_data`, the walk ends after the first top-level pixel data element
     (what comes after it is trailing padding or signatures, and its fragments would take a
     read each to list)."""
-    little = transfer_syntax != EXPLICIT_VR_BIG_ENDIAN
     with open(path, "rb") as f:
-        size = f.seek(0, 2)
-        src, start = _source(f, offset, size, transfer_syntax)
-        walker = _Walker(src, little, stop_at_pixel_data)
-        walker.pos = start
-        yield from walker.dataset(transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN, src.end, (), 0)
+        yield from _elements(_walker(f, offset, transfer_syntax, stop_at_pixel_data), transfer_syntax)
+
+
+def element_at(f: BinaryIO, pos: int, transfer_syntax: str) -> Element:
+    """The top-level element whose tag is at byte `pos` of the open file `f`, when it is not a
+    sequence (pixel data, as ingest/dataset.py read_header finds it). Not for the deflated
+    syntaxes: their positions are not file offsets."""
+    if transfer_syntax in DEFLATED_TRANSFER_SYNTAXES:
+        raise ValueError(f"no file offsets in a deflated data set ({transfer_syntax})")
+    for element in _elements(_walker(f, pos, transfer_syntax, True), transfer_syntax):
+        return element
+    raise ElementError(f"no element at byte {pos}")
 
 
 def find(path: Path, offset: int, transfer_syntax: str, wanted: tuple[int, ...]) -> Element | None:
@@ -374,19 +304,15 @@ def read_ranges(path: Path, offset: int, transfer_syntax: str,
     """The bytes of `ranges` (positions as `walk` gives them, in increasing order), in chunks
     of at most `chunk` bytes; blocking: iterate it in a worker thread."""
     with open(path, "rb") as f:
-        size = f.seek(0, 2)
-        deflated = transfer_syntax in DEFLATED_TRANSFER_SYNTAXES
-        src = _InflateSource(f, offset, size) if deflated else None
-        for start, length in ranges:
-            done = 0
-            while done < length:
-                n = min(chunk, length - done)
-                if src is None:
-                    f.seek(start + done)
-                    data = f.read(n)
-                else:
-                    data = src.get(start + done, n)
-                if not data:
-                    raise ElementError(f"the stored data set ends {length - done} bytes early")
-                done += len(data)
-                yield data
+        src = DataSetReader(f, offset, f.seek(0, 2), transfer_syntax)
+        try:
+            for start, length in ranges:
+                done = 0
+                while done < length:
+                    data = src.read(start + done, min(chunk, length - done))
+                    if not data:
+                        raise ElementError(f"the stored data set ends {length - done} bytes early")
+                    done += len(data)
+                    yield data
+        except DataSetError as exc:
+            raise ElementError(str(exc)) from None

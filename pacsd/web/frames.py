@@ -1,7 +1,8 @@
 """Where each frame of a stored instance lies in its blob (PS3.5 8.2 native, A.4 encapsulated).
 
 `locate` reads the header up to the pixel data with ingest/dataset.py's walker (values are
-skipped, never loaded), then looks at the Pixel Data element itself:
+skipped, never loaded), then reads the Pixel Data element's header (and, when encapsulated,
+its item headers) with elements.py `element_at`:
 
 - native (defined length): frame i is the i-th slice of Rows x Columns x SamplesPerPixel x
   BitsAllocated bits, found by arithmetic alone;
@@ -26,8 +27,9 @@ import pydicom
 from pacsd.ingest.dataset import (DEFLATED_TRANSFER_SYNTAXES, EXPLICIT_VR_BIG_ENDIAN,
                                   EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN,
                                   DataSetError, read_header)
+from pacsd.web.elements import ElementError, element_at
 
-__all__ = ["FrameError", "ImagePixel", "FrameMap", "locate", "read_frame", "iter_frame",
+__all__ = ["PixelError", "FrameError", "ImagePixel", "FrameMap", "locate", "read_frame", "iter_frame",
            "NATIVE_SYNTAXES"]
 
 NATIVE_SYNTAXES = frozenset({IMPLICIT_VR_LITTLE_ENDIAN, EXPLICIT_VR_LITTLE_ENDIAN,
@@ -36,10 +38,6 @@ NATIVE_SYNTAXES = frozenset({IMPLICIT_VR_LITTLE_ENDIAN, EXPLICIT_VR_LITTLE_ENDIA
 
 _PIXEL_DATA = 0x7FE00010
 _FLOAT_PIXEL_DATA = {0x7FE00008: "FloatPixelData", 0x7FE00009: "DoubleFloatPixelData"}
-_ITEM = 0xFFFEE000
-_SEQUENCE_DELIMITER = 0xFFFEE0DD
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"UN"}
-_UNDEFINED = 0xFFFFFFFF
 # MPEG-2, MPEG-4 AVC/H.264 and HEVC/H.265 (1.2.840.10008.1.2.4.100 to .108).
 _VIDEO = "1.2.840.10008.1.2.4.10"
 _CHUNK = 1024 * 1024  # multiple of 8: byte swapping never splits an element
@@ -51,13 +49,17 @@ _JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  "   # JPEG 2000 file format (JP2 box)
 _JXL = (b"\xff\x0a", b"\x00\x00\x00\x0cJXL ")
 
 
-class FrameError(Exception):
-    """Frames cannot be cut out of this instance; `status` is the HTTP status to answer."""
+class PixelError(Exception):
+    """The pixels cannot be served as asked; `status` is the HTTP status to answer."""
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+class FrameError(PixelError):
+    """Frames cannot be cut out of this instance."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,43 +159,27 @@ def locate(path: Path, dataset_offset: int, transfer_syntax: str) -> tuple[pydic
     pixel = image_pixel(ds)
     with open(path, "rb") as f:
         size = f.seek(0, 2)
-        f.seek(pixel_at)
-        head = f.read(12)
-        if len(head) < 8:
-            raise FrameError(500, "the stored file ends inside the pixel data element's header")
-        big = transfer_syntax == EXPLICIT_VR_BIG_ENDIAN
-        order = ">" if big else "<"
-        group, element = struct.unpack(order + "HH", head[:4])
-        tag = group << 16 | element
-        vr = None
-        if transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN:
-            (length,) = struct.unpack("<L", head[4:8])
-            value_at = pixel_at + 8
-        elif head[4:6] in _LONG_VRS:
-            if len(head) < 12:
-                raise FrameError(500, "the stored file ends inside the pixel data element's header")
-            vr = head[4:6]
-            (length,) = struct.unpack(order + "L", head[8:12])
-            value_at = pixel_at + 12
-        else:
-            vr = head[4:6]
-            (length,) = struct.unpack(order + "H", head[6:8])
-            value_at = pixel_at + 8
-        if length == _UNDEFINED:
-            if tag != _PIXEL_DATA:
-                raise FrameError(500, f"float pixel data ({group:04X},{element:04X}) cannot be encapsulated")
-            frames = _encapsulated_frames(f, value_at, size, pixel, ds, transfer_syntax)
+        try:
+            element = element_at(f, pixel_at, transfer_syntax)
+        except ElementError as exc:
+            raise FrameError(500, f"the stored pixel data element cannot be read: {exc}") from None
+        if element.fragments is not None:
+            if element.tag != _PIXEL_DATA:
+                raise FrameError(500, f"float pixel data {_tag(element.tag)} cannot be encapsulated")
+            frames = _encapsulated_frames(f, element.fragments, pixel, ds, transfer_syntax)
             return ds, FrameMap(transfer_syntax, True, pixel, frames)
     if transfer_syntax not in NATIVE_SYNTAXES:
         raise FrameError(500, f"transfer syntax {transfer_syntax} is a compressed one, "
                               f"but the stored pixel data is not encapsulated")
-    if tag != _PIXEL_DATA:
-        pixel = replace(pixel, pixel_keyword=_FLOAT_PIXEL_DATA[tag])
+    if element.tag != _PIXEL_DATA:
+        pixel = replace(pixel, pixel_keyword=_FLOAT_PIXEL_DATA[element.tag])
+    value_at, length = element.start, element.length
     frames = _native_frames(value_at, length, min(size, value_at + length), pixel)
     swap = 0
-    if big and vr != b"OB" and pixel.bits_allocated > 8:
+    big = transfer_syntax == EXPLICIT_VR_BIG_ENDIAN
+    if big and element.vr != "OB" and pixel.bits_allocated > 8:
         swap = pixel.bits_allocated // 8 if pixel.bits_allocated in (16, 32, 64) else 2
-    elif big and vr == b"OW":
+    elif big and element.vr == "OW":
         swap = 2  # 8-bit samples in OW words: each word's two bytes are swapped
     return ds, FrameMap(transfer_syntax, False, pixel, frames, swap)
 
@@ -211,29 +197,8 @@ def _native_frames(value_at: int, length: int, end: int, pixel: ImagePixel) -> t
     return tuple(((value_at + i * frame, frame),) for i in range(pixel.number_of_frames))
 
 
-def _fragments(f, pos: int, size: int) -> tuple[bytes, list[tuple[int, int]]]:
-    """The Basic Offset Table's value and the (item tag position, value length) of each
-    fragment; only item headers are read."""
-    items: list[tuple[int, int]] = []
-    while True:
-        f.seek(pos)
-        head = f.read(8)
-        if len(head) < 8:
-            raise FrameError(500, f"the encapsulated pixel data ends at byte {pos} without its delimiter")
-        tag_group, tag_element, length = struct.unpack("<HHL", head)
-        tag = tag_group << 16 | tag_element
-        if tag == _SEQUENCE_DELIMITER:
-            break
-        if tag != _ITEM or length == _UNDEFINED or pos + 8 + length > size:
-            raise FrameError(500, f"the encapsulated pixel data has a broken item at byte {pos}")
-        items.append((pos, length))
-        pos += 8 + length
-    if not items:
-        raise FrameError(500, "the encapsulated pixel data has no Basic Offset Table item")
-    bot_at, bot_length = items[0]
-    f.seek(bot_at + 8)
-    bot = f.read(bot_length) if bot_length <= 8 * 1024 * 1024 else b""
-    return bot, items[1:]
+def _tag(tag: int) -> str:
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
 
 
 def _frame_starts(f, fragments: list[tuple[int, int]], transfer_syntax: str) -> list[int]:
@@ -255,10 +220,17 @@ def _frame_starts(f, fragments: list[tuple[int, int]], transfer_syntax: str) -> 
     return starts
 
 
-def _encapsulated_frames(f, value_at: int, size: int, pixel: ImagePixel, ds: pydicom.Dataset,
+def _encapsulated_frames(f, items: tuple[tuple[int, int], ...], pixel: ImagePixel, ds: pydicom.Dataset,
                          transfer_syntax: str) -> tuple:
+    """`items`: (value start, length) of each item, the Basic Offset Table first."""
     count = pixel.number_of_frames
-    bot, fragments = _fragments(f, value_at, size)
+    if not items:
+        raise FrameError(500, "the encapsulated pixel data has no Basic Offset Table item")
+    bot_at, bot_length = items[0]
+    f.seek(bot_at)
+    bot = f.read(bot_length) if bot_length <= 8 * 1024 * 1024 else b""
+    # Fragments by their item tag's position: offset tables count from the first one's.
+    fragments = [(start - 8, length) for start, length in items[1:]]
     if not fragments:
         raise FrameError(500, "the encapsulated pixel data has no fragments")
     first = fragments[0][0]

@@ -25,7 +25,7 @@ from pydicom.pixels import apply_color_lut, get_decoder
 from pydicom.uid import UID
 
 from pacsd.ingest.dataset import EXPLICIT_VR_LITTLE_ENDIAN
-from pacsd.web.frames import FrameMap
+from pacsd.web.frames import FrameMap, PixelError
 
 __all__ = ["RenderError", "Window", "Viewport", "RenderParams", "Presentation", "presentation",
            "decode", "render", "RENDERED_TYPES"]
@@ -38,11 +38,8 @@ THUMBNAIL = (128, 128)
 _FUNCTIONS = {"LINEAR", "LINEAR_EXACT", "SIGMOID"}
 
 
-class RenderError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+class RenderError(PixelError):
+    """A frame cannot be rendered as asked."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,82 +7,28 @@ import struct
 
 import httpx
 import numpy as np
-import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
-from pydicom.data import get_testdata_file
 from pydicom.encaps import generate_frames
-from pydicom.uid import generate_uid
 
-from tests.conftest import launch_daemon
-from tests.dicomdata import image, uid, write_part10
-from tests.web.conftest import store_files
+from tests.dicomdata import image, uid
+from tests.web.webdata import daemon_holding, multiframe, split_multipart
 
 OHIF_ACCEPT = "multipart/related; type=application/octet-stream; transfer-syntax=*"
 EXPLICIT_LE_UID = "1.2.840.10008.1.2.1"
-MULTIFRAME_SC = "1.2.840.10008.5.1.4.1.1.7.3"  # Multi-frame Grayscale Word Secondary Capture
-
-
-def copy_of_testdata(name: str, study: str, series: str, out_dir) -> pydicom.Dataset:
-    """A pydicom test file with new UIDs, written to out_dir as stored (same transfer syntax)."""
-    ds = pydicom.dcmread(get_testdata_file(name))
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, series, generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.PatientID = "PIXELS"
-    ds.save_as(out_dir / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
-    return ds
-
-
-def multiframe(study: str, series: str, frames: int, rows: int = 24, columns: int = 32) -> pydicom.Dataset:
-    """A native 16-bit multi-frame instance whose frame k holds k*1000 + pixel index."""
-    ds = image(uid("mf", study, frames), series, study, rows=rows, columns=columns, instance_number=9)
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = MULTIFRAME_SC
-    ds.NumberOfFrames = frames
-    values = np.arange(rows * columns, dtype=np.uint16)
-    ds.PixelData = b"".join((values + k * 1000).astype("<u2").tobytes() for k in range(frames))
-    return ds
-
-
-def split_multipart(response) -> list[tuple[dict[str, str], bytes]]:
-    """Parts of a multipart/related body, parsed the way cornerstone's loader does it: the
-    body starts with the delimiter, part headers end at the first CRLFCRLF."""
-    content_type = response.headers["content-type"]
-    assert content_type.startswith("multipart/related"), content_type
-    boundary = content_type.split("boundary=")[1].split(";")[0].strip('"')
-    body = response.content
-    assert body.startswith(b"--" + boundary.encode() + b"\r\n"), body[:80]
-    assert body.endswith(b"\r\n--" + boundary.encode() + b"--\r\n")
-    parts = []
-    for chunk in body[len(boundary) + 4: -len(boundary) - 8].split(b"\r\n--" + boundary.encode() + b"\r\n"):
-        head, _, content = chunk.partition(b"\r\n\r\n")
-        headers = {}
-        for line in head.decode("ascii").split("\r\n"):
-            name, _, value = line.partition(":")
-            headers[name] = value.strip()
-        parts.append((headers, content))
-    return parts
 
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory):
     """One daemon for the module, holding every test instance."""
-    base = tmp_path_factory.mktemp("frames")
-    daemon = launch_daemon(base, "pacsd")
     study, series = uid("frames-study"), uid("frames-series")
-    files = base / "in"
-    files.mkdir()
     single = image(uid("single"), series, study, rows=40, columns=56)
-    write_part10(files / "single.dcm", single)
     multi = multiframe(study, series, 6)
-    write_part10(files / "multi.dcm", multi)
-    copies = {name: copy_of_testdata(name, study, series, files) for name in (
-        "SC_rgb_jpeg_dcmtk.dcm", "examples_ybr_color.dcm", "SC_rgb_rle_2frame.dcm",
-        "MR_small_bigendian.dcm", "MR_small_jpeg_ls_lossless.dcm", "reportsi.dcm")}
-    store_files(daemon, sorted(files.iterdir()))
-    try:
+    with daemon_holding(tmp_path_factory.mktemp("frames"), {"single": single, "multi": multi}, (
+            "SC_rgb_jpeg_dcmtk.dcm", "examples_ybr_color.dcm", "SC_rgb_rle_2frame.dcm",
+            "MR_small_bigendian.dcm", "MR_small_jpeg_ls_lossless.dcm", "reportsi.dcm"),
+            study, series) as (daemon, copies):
         yield daemon, study, series, single, multi, copies
-    finally:
-        daemon.stop()
 
 
 def frames_url(archive, sop: str, frames: str) -> str:

@@ -12,21 +12,10 @@ import pytest
 from dicomweb_client.api import DICOMwebClient
 from PIL import Image
 
-from tests.conftest import launch_daemon
-from tests.dicomdata import image, uid, write_part10
-from tests.web.conftest import store_files
-from tests.web.test_frames import copy_of_testdata, multiframe, split_multipart
+from tests.dicomdata import image, uid
+from tests.web.webdata import daemon_holding, multiframe, ramp, split_multipart
 
 PNG = {"Accept": "image/png"}
-
-
-def ramp(sop: str, series: str, study: str, rows: int = 48, columns: int = 64, step: int = 64,
-         **attributes) -> pydicom.Dataset:
-    """16-bit image whose column k holds k*step in every row."""
-    ds = image(sop, series, study, rows=rows, columns=columns, **attributes)
-    values = np.tile(np.arange(columns, dtype=np.uint16) * step, (rows, 1))
-    ds.PixelData = values.astype("<u2").tobytes()
-    return ds
 
 
 def flat(sop: str, series: str, study: str, value: int, number: int) -> pydicom.Dataset:
@@ -37,11 +26,7 @@ def flat(sop: str, series: str, study: str, value: int, number: int) -> pydicom.
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory):
-    base = tmp_path_factory.mktemp("rendered")
-    daemon = launch_daemon(base, "pacsd")
     study, series = uid("r-study"), uid("r-series")
-    files = base / "in"
-    files.mkdir()
     made = {
         "ramp": ramp(uid("ramp"), series, study, WindowCenter=2048, WindowWidth=4096, instance_number=1),
         "no_window": ramp(uid("nowin"), series, study, instance_number=2),
@@ -51,19 +36,14 @@ def archive(tmp_path_factory):
         "large": ramp(uid("large"), series, study, rows=192, columns=256, step=16, instance_number=5),
         "multi": multiframe(study, series, 4),
     }
-    for name, ds in made.items():
-        write_part10(files / f"{name}.dcm", ds)
     # a study of one series whose middle instance is bright, the others dark
     rep_study, rep_series = uid("rep-study"), uid("rep-series")
-    for number, value in ((1, 100), (2, 3000), (3, 100)):
-        write_part10(files / f"flat{number}.dcm", flat(uid("flat", number), rep_series, rep_study, value, number))
-    copies = {name: copy_of_testdata(name, study, series, files) for name in (
-        "SC_rgb_jpeg_dcmtk.dcm", "SC_rgb_rle_2frame.dcm", "MR_small_jpeg_ls_lossless.dcm", "reportsi.dcm")}
-    store_files(daemon, sorted(files.iterdir()))
-    try:
+    representative = {f"flat{number}": flat(uid("flat", number), rep_series, rep_study, value, number)
+                      for number, value in ((1, 100), (2, 3000), (3, 100))}
+    with daemon_holding(tmp_path_factory.mktemp("rendered"), {**made, **representative}, (
+            "SC_rgb_jpeg_dcmtk.dcm", "SC_rgb_rle_2frame.dcm", "MR_small_jpeg_ls_lossless.dcm", "reportsi.dcm"),
+            study, series) as (daemon, copies):
         yield daemon, study, series, made, copies, (rep_study, rep_series)
-    finally:
-        daemon.stop()
 
 
 def url(archive, sop: str, tail: str = "rendered") -> str:

@@ -287,31 +287,27 @@ def test_jpeg_instance_with_an_uncompressed_syntax_asked_is_406(archive, http):
     assert JPEG_BASELINE in response.json()["message"] and EXPLICIT_LE in response.json()["message"]
 
 
-@pytest.mark.parametrize("path", [
-    f"/studies/{OTHER_STUDY}",
-    f"/studies/{STUDY}/series/{uid('wado', 'no-such-series')}",
-    f"/studies/{STUDY}/series/{SERIES_1}/instances/1.2.3.4",
-    f"/studies/{STUDY}/series/{SERIES_2}/instances/{uid('wado', 'ct', 0)}",  # in the other series
-    f"/studies/{OTHER_STUDY}/metadata",
-    f"/studies/{STUDY}/series/{SERIES_1}/instances/1.2.3.4/metadata",
-    f"/studies/{STUDY}/series/{SERIES_1}/instances/1.2.3.4/bulkdata/7FE00010",
+@pytest.mark.parametrize("path, status, says", [
+    *((path, 404, "no ") for path in (
+        f"/studies/{OTHER_STUDY}",
+        f"/studies/{STUDY}/series/{uid('wado', 'no-such-series')}",
+        f"/studies/{STUDY}/series/{SERIES_1}/instances/1.2.3.4",
+        f"/studies/{STUDY}/series/{SERIES_2}/instances/{uid('wado', 'ct', 0)}",  # in the other series
+        f"/studies/{OTHER_STUDY}/metadata",
+        f"/studies/{STUDY}/series/{SERIES_1}/instances/1.2.3.4/metadata",
+        f"/studies/{STUDY}/series/{SERIES_1}/instances/1.2.3.4/bulkdata/7FE00010",
+    )),
+    *((path, 400, "not a valid UID") for path in (
+        "/studies/1.2.abc",
+        f"/studies/{STUDY}/series/1.2.x",
+        f"/studies/{STUDY}/series/{SERIES_1}/instances/{'1' * 65}",
+        "/studies/1..2/metadata",
+    )),
 ])
-def test_unknown_resources_are_404(archive, http, path):
+def test_unknown_resources_are_404_and_malformed_uids_400(archive, http, path, status, says):
     response = http.get(path)
-    assert response.status_code == 404
-    assert "no " in response.json()["message"]
-
-
-@pytest.mark.parametrize("path", [
-    "/studies/1.2.abc",
-    f"/studies/{STUDY}/series/1.2.x",
-    f"/studies/{STUDY}/series/{SERIES_1}/instances/{'1' * 65}",
-    f"/studies/1..2/metadata",
-])
-def test_malformed_uids_are_400(archive, http, path):
-    response = http.get(path)
-    assert response.status_code == 400
-    assert "not a valid UID" in response.json()["message"]
+    assert response.status_code == status
+    assert says in response.json()["message"]
 
 
 # --- Metadata ---------------------------------------------------------------------------------

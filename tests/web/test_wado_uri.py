@@ -11,31 +11,18 @@ import pydicom
 import pytest
 from PIL import Image
 
-from tests.conftest import launch_daemon
-from tests.dicomdata import blob_path, instance_rows, uid, write_part10
-from tests.web.conftest import store_files
-from tests.web.test_frames import copy_of_testdata, multiframe
-from tests.web.test_rendered import ramp
+from tests.dicomdata import blob_path, instance_rows, uid
+from tests.web.webdata import daemon_holding, multiframe, ramp
 
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory):
-    base = tmp_path_factory.mktemp("wado-uri")
-    daemon = launch_daemon(base, "pacsd")
     study, series = uid("wu-study"), uid("wu-series")
-    files = base / "in"
-    files.mkdir()
     made = {"ramp": ramp(uid("wu-ramp"), series, study, WindowCenter=2048, WindowWidth=4096),
             "multi": multiframe(study, series, 3)}
-    for name, ds in made.items():
-        write_part10(files / f"{name}.dcm", ds)
-    made.update({name: copy_of_testdata(name, study, series, files)
-                 for name in ("SC_rgb_jpeg_dcmtk.dcm", "reportsi.dcm")})
-    store_files(daemon, sorted(files.iterdir()))
-    try:
-        yield daemon, study, series, made
-    finally:
-        daemon.stop()
+    with daemon_holding(tmp_path_factory.mktemp("wado-uri"), made, ("SC_rgb_jpeg_dcmtk.dcm", "reportsi.dcm"),
+                        study, series) as (daemon, copies):
+        yield daemon, study, series, {**made, **copies}
 
 
 def wado(archive, name: str | None = None, **params) -> httpx.Response:
