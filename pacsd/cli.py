@@ -23,9 +23,10 @@ def _ae(ctx, param, value: str) -> str:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="pacsd")
 def main() -> None:
-    """pacsd: a mini-PACS daemon speaking DICOM (and soon DICOMweb).
+    """pacsd: a mini-PACS daemon speaking DICOM and DICOMweb.
 
-    Start the archive with `pacsd serve`. `echo` and `store` talk to a running pacsd or any
+    Start the archive with `pacsd serve` (DICOM on port 11112, DICOMweb on
+    http://127.0.0.1:8042/dicom-web by default). `echo` and `store` talk to a running pacsd or any
     other DICOM node; `import` and `verify` work on the archive's own data directory.
     """
 
@@ -34,7 +35,7 @@ def main() -> None:
 @click.option(
     "--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
     help="TOML config file (see config/pacsd.toml). Without it pacsd runs on embedded "
-         "defaults: AE PACSD, DICOM port 11112, data in ./var.",
+         "defaults: AE PACSD, DICOM port 11112, DICOMweb on 127.0.0.1:8042, data in ./var.",
 )
 def serve(config_file: Path | None) -> None:
     """Run the archive until SIGTERM or Ctrl-C.

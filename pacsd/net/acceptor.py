@@ -43,9 +43,12 @@ class DicomServer:
     async def start(self) -> None:
         dicom = self.settings.dicom
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            self._new_association, dicom.bind, dicom.port, reuse_address=True, backlog=128
-        )
+        try:
+            self._server = await loop.create_server(
+                self._new_association, dicom.bind, dicom.port, reuse_address=True, backlog=128
+            )
+        except OSError as exc:
+            raise OSError(exc.errno, f"DICOM listener on {dicom.bind}:{dicom.port}: {exc.strerror or exc}") from None
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("dicom.listening", ae_title=dicom.ae_title, bind=dicom.bind, port=self.port)
 

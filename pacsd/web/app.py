@@ -113,9 +113,9 @@ class WebServer:
             sock.bind((self.bind, self.port))
             sock.listen(self.config.backlog)
             sock.setblocking(False)
-        except OSError:
+        except OSError as exc:
             sock.close()
-            raise
+            raise OSError(exc.errno, f"HTTP listener on {self.bind}:{self.port}: {exc.strerror or exc}") from None
         self._sock = sock
         self.config.load()
         self.server.lifespan = self.config.lifespan_class(self.config)
