@@ -424,8 +424,9 @@ def test_example_config_documents_the_env_form_of_every_key(monkeypatch):
         got = load_settings().model_dump(mode="json")[section][key]
         monkeypatch.delenv(name)
         want = json.loads(value) if value.startswith("[") else file_values[section][key]
-        if (section, key) == ("database", "url"):
-            # The file leaves it empty (SQLite inside data_dir); the example shows PostgreSQL.
+        if (section, key) in {("database", "url"), ("http", "public_url")}:
+            # The file leaves these empty (SQLite inside data_dir; URLs from each request);
+            # the examples show PostgreSQL and a reverse proxy's address.
             want = value
         if isinstance(want, str) and key == "data_dir":
             got, want = Path(got), Path(want)
