@@ -180,9 +180,8 @@ class Ingest:
             if value is not None and (problem := uid_problem(name, value)):
                 raise Rejected(Status.CANNOT_UNDERSTAND, problem)
         found = {}
-        for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
-            value = ds.get(keyword)
-            value = None if value is None else str(value)
+        for keyword, tag in _IDENTITY_UIDS:
+            value = _uid_as_received(ds, tag)
             if problem := uid_problem(keyword, value):
                 status = Status.DATASET_DOES_NOT_MATCH_SOP_CLASS if value in (None, "") else Status.CANNOT_UNDERSTAND
                 raise Rejected(status, f"data set: {problem}")
@@ -201,6 +200,23 @@ class Ingest:
             raise Rejected(Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
                            f"SOP Instance UID {found['SOPInstanceUID']} in the data set differs "
                            f"from the Affected SOP Instance UID {incoming.sop_instance_uid}")
+
+
+_IDENTITY_UIDS = (("SOPClassUID", 0x00080016), ("SOPInstanceUID", 0x00080018),
+                  ("StudyInstanceUID", 0x0020000D), ("SeriesInstanceUID", 0x0020000E))
+
+
+def _uid_as_received(ds, tag: int) -> str | None:
+    """A UI value without letting pydicom convert the element: its conversion validates the
+    UID with regular expressions (the check here is pacsd's own) and leaves a converted
+    element that the index's fast DICOM JSON path no longer takes."""
+    element = ds.get_item(tag)
+    if element is None:
+        return None
+    value = element.value
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("ascii", "replace").rstrip("\x00 ")
+    return None if value is None else str(value)
 
 
 def _resource_status(exc: OSError) -> tuple[int, str]:
