@@ -71,22 +71,52 @@ class _LRU(OrderedDict):
             self.popitem(last=False)
 
 
+class _Prepared:
+    """A write statement compiled once per dialect (and set of columns) and run through
+    exec_driver_sql with positional parameters. Connection.execute costs several times what
+    SQLite takes to run one of these small statements (cache key, parameter processing,
+    result set-up), and the common path runs five per group, a group per instance when
+    instances arrive one at a time over an association."""
+
+    def __init__(self, stmt) -> None:
+        self.stmt = stmt
+        self._compiled: dict[tuple, tuple[str, tuple[str, ...], list]] = {}
+
+    def _for(self, dialect, keys: tuple[str, ...]) -> tuple[str, tuple[str, ...], list]:
+        entry = self._compiled.get((dialect.name, keys))
+        if entry is None:
+            compiled = self.stmt.compile(dialect=dialect, column_keys=list(keys))
+            names = tuple(compiled.positiontup)
+            # The bind processors Connection.execute would apply (SQLite stores datetimes as text).
+            processors = [compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect)
+                          for name in names]
+            entry = (str(compiled), names, processors)
+            self._compiled[(dialect.name, keys)] = entry
+        return entry
+
+    def __call__(self, conn: sa.Connection, rows: list[dict[str, Any]]) -> None:
+        sql, names, processors = self._for(conn.dialect, tuple(sorted(rows[0])))
+        params = [tuple(value if process is None else process(value)
+                        for value, process in zip((row[name] for name in names), processors))
+                  for row in rows]
+        conn.exec_driver_sql(sql, params if len(params) > 1 else params[0])
+
+
 # The statements of the common path, built once: building a Core statement and its cache key
-# costs several times what SQLite takes to run it, once per instance when instances arrive
-# one at a time over an association.
+# costs several times what SQLite takes to run it.
 _EXISTING = sa.select(instances.c.pk, instances.c.sop_instance_uid, instances.c.blob_key,
                       instances.c.series_pk).where(
     instances.c.sop_instance_uid.in_(sa.bindparam("uids", expanding=True)))
-_INSERT_INSTANCES = instances.insert()
-_COUNT_SERIES = series.update().where(series.c.pk == sa.bindparam("b_pk")).values(
-    num_instances=series.c.num_instances + sa.bindparam("b_n"), updated_at=sa.bindparam("b_now"))
-_COUNT_STUDIES = studies.update().where(studies.c.pk == sa.bindparam("b_pk")).values(
+_INSERT_INSTANCES = _Prepared(instances.insert())
+_COUNT_SERIES = _Prepared(series.update().where(series.c.pk == sa.bindparam("b_pk")).values(
+    num_instances=series.c.num_instances + sa.bindparam("b_n"), updated_at=sa.bindparam("b_now")))
+_COUNT_STUDIES = _Prepared(studies.update().where(studies.c.pk == sa.bindparam("b_pk")).values(
     num_instances=studies.c.num_instances + sa.bindparam("b_n"),
-    num_series=studies.c.num_series + sa.bindparam("b_series"), updated_at=sa.bindparam("b_now"))
-_COUNT_PATIENTS = patients.update().where(patients.c.pk == sa.bindparam("b_pk")).values(
+    num_series=studies.c.num_series + sa.bindparam("b_series"), updated_at=sa.bindparam("b_now")))
+_COUNT_PATIENTS = _Prepared(patients.update().where(patients.c.pk == sa.bindparam("b_pk")).values(
     num_instances=patients.c.num_instances + sa.bindparam("b_n"),
     num_series=patients.c.num_series + sa.bindparam("b_series"),
-    num_studies=patients.c.num_studies + sa.bindparam("b_studies"), updated_at=sa.bindparam("b_now"))
+    num_studies=patients.c.num_studies + sa.bindparam("b_studies"), updated_at=sa.bindparam("b_now")))
 _STUDY_SETS = sa.select(studies.c.modalities_in_study, studies.c.sop_classes_in_study).where(
     studies.c.pk == sa.bindparam("b_pk"))
 _SET_STUDY_SETS = studies.update().where(studies.c.pk == sa.bindparam("b_pk")).values(
@@ -303,11 +333,11 @@ class IndexWriter:
                 "calling_ae": record.calling_ae[:16],
             })
         if new_rows:
-            conn.execute(_INSERT_INSTANCES, new_rows)
+            _INSERT_INSTANCES(conn, new_rows)
         if touched_series:
-            conn.execute(_COUNT_SERIES, [{"b_pk": pk, "b_n": n, "b_now": now} for pk, n in touched_series.items()])
+            _COUNT_SERIES(conn, [{"b_pk": pk, "b_n": n, "b_now": now} for pk, n in touched_series.items()])
         if touched_studies:
-            conn.execute(_COUNT_STUDIES, [
+            _COUNT_STUDIES(conn, [
                 {"b_pk": study_objs[u].pk, "b_n": n, "b_series": new_series_per_study.get(u, 0), "b_now": now}
                 for u, n in touched_studies.items()])
             for uid in (changed_sets - {"*"}):
@@ -321,7 +351,7 @@ class IndexWriter:
                 conn.execute(_SET_STUDY_SETS, {"b_pk": study.pk, "b_modalities": _join(study.modalities),
                                                "b_classes": _join(study.sop_classes)})
         if patient_instances:
-            conn.execute(_COUNT_PATIENTS, [
+            _COUNT_PATIENTS(conn, [
                 {"b_pk": pk, "b_n": n, "b_series": patient_series.get(pk, 0),
                  "b_studies": new_studies_per_patient.get(pk, 0), "b_now": now}
                 for pk, n in patient_instances.items()])
