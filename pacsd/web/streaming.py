@@ -19,14 +19,22 @@ _END = object()
 
 
 async def in_thread(executor: Executor, blocking: Iterator[bytes]) -> AsyncIterator[bytes]:
+    """The chunks of `blocking`, each produced in a thread; the next one is read while the
+    current one is being sent (two chunks at most in memory), so the disk and the socket
+    overlap instead of taking turns."""
     loop = asyncio.get_running_loop()
+    ahead = loop.run_in_executor(executor, next, blocking, _END)
     try:
         while True:
-            chunk = await loop.run_in_executor(executor, next, blocking, _END)
+            chunk = await ahead
             if chunk is _END:
                 return
+            ahead = loop.run_in_executor(executor, next, blocking, _END)
             yield chunk
     finally:
+        if not ahead.done():
+            # The client went away during a read: its result (or error) is of no use now.
+            ahead.add_done_callback(lambda f: f.cancelled() or f.exception())
         close = getattr(blocking, "close", None)
         if close is not None:
             try:
@@ -36,18 +44,27 @@ async def in_thread(executor: Executor, blocking: Iterator[bytes]) -> AsyncItera
 
 
 def file_chunks(path: Path, start: int = 0, length: int | None = None,
-                chunk: int = CHUNK) -> Iterator[bytes]:
+                chunk: int = CHUNK, prefix: bytes = b"") -> Iterator[bytes | memoryview]:
     """`length` bytes of the file from `start` (to its end when None), in chunks; raises
-    OSError if the file is shorter than promised, so a response is cut off rather than padded."""
-    with open(path, "rb") as f:
+    OSError if the file is shorter than promised, so a response is cut off rather than padded.
+
+    `prefix` (a multipart part's header) leads the first chunk: read in after it, rather
+    than sent on its own or joined to the chunk by a copy of the data."""
+    with open(path, "rb", buffering=0) as f:
         f.seek(start)
         left = length
         while left is None or left > 0:
-            data = f.read(chunk if left is None else min(chunk, left))
-            if not data:
+            want = chunk if left is None else min(chunk, left)
+            buffer = bytearray(len(prefix) + want)
+            buffer[:len(prefix)] = prefix
+            got = f.readinto(memoryview(buffer)[len(prefix):])
+            if not got:
                 if left:
                     raise OSError(f"{path} ended {left} bytes early")
-                return
+                break
             if left is not None:
-                left -= len(data)
-            yield data
+                left -= got
+            yield memoryview(buffer)[:len(prefix) + got]
+            prefix = b""
+    if prefix:  # an empty range: the prefix alone
+        yield prefix

@@ -134,9 +134,9 @@ async def retrieve(request: Request) -> Response:
     headers["Content-Length"] = str(sum(map(len, heads)) + sum(sizes) + len(tail))
 
     def body():
+        # A part's header travels with the first chunk of its file: one send, not two.
         for head, path, size in zip(heads, paths, sizes):
-            yield head
-            yield from file_chunks(path, 0, size)
+            yield from file_chunks(path, 0, size, prefix=head)
         yield tail
 
     return StreamingResponse(in_thread(archive.executor, body()), headers=headers,
