@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import Executor
 from pathlib import Path
-from typing import AsyncIterator, Iterator
+from typing import AsyncIterator, Iterable, Iterator
 
 CHUNK = 1024 * 1024
 
@@ -44,27 +44,53 @@ async def in_thread(executor: Executor, blocking: Iterator[bytes]) -> AsyncItera
 
 
 def file_chunks(path: Path, start: int = 0, length: int | None = None,
-                chunk: int = CHUNK, prefix: bytes = b"") -> Iterator[bytes | memoryview]:
+                chunk: int = CHUNK) -> Iterator[memoryview]:
     """`length` bytes of the file from `start` (to its end when None), in chunks; raises
-    OSError if the file is shorter than promised, so a response is cut off rather than padded.
-
-    `prefix` (a multipart part's header) leads the first chunk: read in after it, rather
-    than sent on its own or joined to the chunk by a copy of the data."""
+    OSError if the file is shorter than promised, so a response is cut off rather than padded."""
     with open(path, "rb", buffering=0) as f:
         f.seek(start)
         left = length
         while left is None or left > 0:
-            want = chunk if left is None else min(chunk, left)
-            buffer = bytearray(len(prefix) + want)
-            buffer[:len(prefix)] = prefix
-            got = f.readinto(memoryview(buffer)[len(prefix):])
+            buffer = bytearray(chunk if left is None else min(chunk, left))
+            got = f.readinto(buffer)
             if not got:
                 if left:
                     raise OSError(f"{path} ended {left} bytes early")
-                break
+                return
             if left is not None:
                 left -= got
-            yield memoryview(buffer)[:len(prefix) + got]
-            prefix = b""
-    if prefix:  # an empty range: the prefix alone
-        yield prefix
+            yield memoryview(buffer)[:got]
+
+
+def multipart_files(parts: Iterable[tuple[bytes, Path, int]], tail: bytes,
+                    chunk: int = CHUNK) -> Iterator[memoryview]:
+    """A multipart body of whole files: each (part header, file, size) in turn, then `tail`.
+
+    Headers and file data are read straight into chunk-size buffers, several small files to a
+    buffer: one thread hop and one send per megabyte rather than two per file, and no copy
+    beyond the read itself. Raises OSError if a file is shorter than its size."""
+    buffer, fill = bytearray(chunk), 0
+    for head, path, size in parts:
+        if len(buffer) - fill < len(head):
+            if fill:
+                yield memoryview(buffer)[:fill]
+            buffer, fill = bytearray(max(chunk, len(head))), 0
+        buffer[fill:fill + len(head)] = head
+        fill += len(head)
+        with open(path, "rb", buffering=0) as f:
+            left = size
+            while left:
+                if fill == len(buffer):
+                    yield memoryview(buffer)
+                    buffer, fill = bytearray(chunk), 0
+                got = f.readinto(memoryview(buffer)[fill:fill + min(len(buffer) - fill, left)])
+                if not got:
+                    raise OSError(f"{path} ended {left} bytes early")
+                fill += got
+                left -= got
+    if len(buffer) - fill < len(tail):
+        if fill:
+            yield memoryview(buffer)[:fill]
+        buffer, fill = bytearray(len(tail)), 0
+    buffer[fill:fill + len(tail)] = tail
+    yield memoryview(buffer)[:fill + len(tail)]

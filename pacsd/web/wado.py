@@ -32,7 +32,7 @@ from pacsd.web.errors import WebError
 from pacsd.web.lookup import StoredInstance, stored_instances
 from pacsd.web.media import MediaRange, accepted
 from pacsd.web.metadata import retrieve_metadata
-from pacsd.web.streaming import file_chunks, in_thread
+from pacsd.web.streaming import file_chunks, in_thread, multipart_files
 
 DICOM = "application/dicom"
 
@@ -133,13 +133,8 @@ async def retrieve(request: Request) -> Response:
     tail = multipart.closing(boundary)
     headers["Content-Length"] = str(sum(map(len, heads)) + sum(sizes) + len(tail))
 
-    def body():
-        # A part's header travels with the first chunk of its file: one send, not two.
-        for head, path, size in zip(heads, paths, sizes):
-            yield from file_chunks(path, 0, size, prefix=head)
-        yield tail
-
-    return StreamingResponse(in_thread(archive.executor, body()), headers=headers,
+    body = multipart_files(zip(heads, paths, sizes), tail)
+    return StreamingResponse(in_thread(archive.executor, body), headers=headers,
                              media_type=multipart.content_type(DICOM, boundary))
 
 
