@@ -47,7 +47,7 @@ VOLUME ["/var/lib/pacsd"]
 
 USER 10001:10001
 
-# 11112: DICOM (DIMSE), 8042: HTTP (DICOMweb, admin, /healthz, /metrics)
+# 11112: DICOM (DIMSE), 8042: HTTP (DICOMweb under /dicom-web, WADO-URI at /wado)
 EXPOSE 11112 8042
 
 # A C-ECHO to ourselves: the DICOM listener is up and answers associations. Follows the AE
