@@ -233,6 +233,7 @@ class UpperLayerProtocol(asyncio.Protocol):
         self._event(Event.EVT8, Payload(data=rj_pdu))
 
     def send_pdata(self, data: bytes) -> None:
+        """P-DATA request: `data` is one or more encoded P-DATA-TF PDUs, written at once."""
         self._event(Event.EVT9, Payload(data=data))
 
     def release(self) -> None:

@@ -29,6 +29,19 @@ log = structlog.get_logger("pacsd.association")
 # Used when the peer advertises 0 (no limit): large enough to keep syscalls few.
 UNLIMITED_PDU_CAP = 1 << 20
 _READ_CHUNK = 1 << 20
+# Data set bytes read, framed and written at once when sending from a file.
+_SEND_BATCH = 256 * 1024
+
+
+def _framed(context_id: int, base: int, data: memoryview, size: int, last: bool) -> bytes:
+    """`data` as consecutive P-DATA-TF PDUs of one PDV of at most `size` bytes each, ready
+    for one write; the final PDV carries the last-fragment bit when `last`."""
+    pdus = []
+    for start in range(0, len(data), size):
+        piece = data[start:start + size]
+        final = last and start + size >= len(data)
+        pdus += (pdu.pdata_header(context_id, base | (pdu.MCH_LAST if final else 0), len(piece)), piece)
+    return b"".join(pdus)
 
 
 class AssociationError(Exception):
@@ -334,25 +347,27 @@ class Association:
         if total == 0:
             self.protocol.send_pdata(pdu.encode_pdata(context_id, base | pdu.MCH_LAST, b""))
             return
-        for start in range(0, total, size):
-            chunk = data[start : start + size]
-            control = base | (pdu.MCH_LAST if start + size >= total else 0)
-            self.protocol.send_pdata(pdu.encode_pdata(context_id, control, chunk))
+        batch = max(size, _SEND_BATCH // size * size)
+        for start in range(0, total, batch):
+            self.protocol.send_pdata(_framed(context_id, base, data[start:start + batch], size,
+                                             last=start + batch >= total))
 
     async def _send_file(self, context_id: int, source: "Path | _Part", size: int) -> None:
         path, offset = (source.path, source.offset) if isinstance(source, _Part) else (source, 0)
-        with open(path, "rb") as f:
+        # Many PDUs per read and per write: a peer's maximum PDU is often 16 KiB, and one
+        # read, header and write for each would cost more than the bytes themselves.
+        batch = max(size, _SEND_BATCH // size * size)
+        with open(path, "rb", buffering=0) as f:
             f.seek(offset)
             remaining = path.stat().st_size - offset
             if remaining == 0:
                 self._send_fragments(context_id, 0, memoryview(b""), size)
             while remaining > 0:
-                chunk = f.read(min(size, remaining))
+                chunk = f.read(min(batch, remaining))
                 if not chunk:
                     raise AssociationError(f"{path} shrank while being sent")
                 remaining -= len(chunk)
-                control = pdu.MCH_LAST if remaining == 0 else 0
-                self.protocol.send_pdata(pdu.encode_pdata(context_id, control, chunk))
+                self.protocol.send_pdata(_framed(context_id, 0, memoryview(chunk), size, last=remaining == 0))
                 await self.protocol.drain()
                 if self.protocol.state not in (State.STA6, State.STA8):
                     raise AssociationAborted("association ended while sending")
