@@ -132,9 +132,8 @@ class Server:
         self.stop()
 
 
-class Pacsd(Server):
-    name = "pacsd"
-    ae = "PACSD"
+class DicomWebServer(Server):
+    """A server that also answers DICOMweb, on an HTTP port of its own."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -143,6 +142,11 @@ class Pacsd(Server):
     @property
     def dicomweb(self) -> str:
         return f"http://127.0.0.1:{self.http_port}/dicom-web"
+
+
+class Pacsd(DicomWebServer):
+    name = "pacsd"
+    ae = "PACSD"
 
     def command(self) -> tuple[list[str], dict[str, str]]:
         peers = [{"ae_title": ae, "host": "127.0.0.1", "port": port} for ae, port in self.peers.items()]
@@ -154,19 +158,11 @@ class Pacsd(Server):
             "PACSD_LOGGING__LEVEL": "warning", "PACSD_PEERS": json.dumps(peers)}
 
 
-class Orthanc(Server):
+class Orthanc(DicomWebServer):
     """Orthanc on its default SQLite index and file storage, configured by a JSON of our own."""
 
     name = "orthanc"
     ae = "ORTHANC"
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.http_port = free_port()
-
-    @property
-    def dicomweb(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}/dicom-web"
 
     def command(self) -> tuple[list[str], dict[str, str]]:
         # Anything not named here keeps Orthanc's built-in default (fsync on, DICOM threads 4...).
