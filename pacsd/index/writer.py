@@ -335,12 +335,14 @@ class IndexWriter:
         if new_rows:
             _INSERT_INSTANCES(conn, new_rows)
         if touched_series:
-            _COUNT_SERIES(conn, [{"b_pk": pk, "b_n": n, "b_now": now} for pk, n in touched_series.items()])
+            # Rows are updated in primary-key order in every group, so that two writers on one
+            # PostgreSQL database never wait for each other's locks in a cycle.
+            _COUNT_SERIES(conn, [{"b_pk": pk, "b_n": n, "b_now": now} for pk, n in sorted(touched_series.items())])
         if touched_studies:
             _COUNT_STUDIES(conn, [
                 {"b_pk": study_objs[u].pk, "b_n": n, "b_series": new_series_per_study.get(u, 0), "b_now": now}
-                for u, n in touched_studies.items()])
-            for uid in (changed_sets - {"*"}):
+                for u, n in sorted(touched_studies.items(), key=lambda item: study_objs[item[0]].pk)])
+            for uid in sorted(changed_sets - {"*"}, key=lambda u: study_objs[u].pk):
                 study = study_objs[uid]
                 # Merge with the row, not only the cache: another writer on the same
                 # database may have added a modality since this writer read the study.
@@ -354,7 +356,7 @@ class IndexWriter:
             _COUNT_PATIENTS(conn, [
                 {"b_pk": pk, "b_n": n, "b_series": patient_series.get(pk, 0),
                  "b_studies": new_studies_per_patient.get(pk, 0), "b_now": now}
-                for pk, n in patient_instances.items()])
+                for pk, n in sorted(patient_instances.items())])
         if "*" in changed_sets:
             self._recount(conn)
         if self.in_transaction is not None and touched_studies:

@@ -136,8 +136,10 @@ def _uint(name: str, values: list[str]) -> int:
     if len(values) > 1:
         raise WebError(400, f"{name} given {len(values)} times")
     value = values[0].strip()
-    if not value.isascii() or not value.isdigit() or int(value) > _UINT_MAX:
+    if not value.isascii() or not value.isdigit():
         raise WebError(400, f"{name} must be a non-negative integer, not {value[:40]!r}")
+    if int(value) > _UINT_MAX:
+        raise WebError(400, f"{name} {value[:40]} is larger than the largest supported, {_UINT_MAX}")
     return int(value)
 
 
