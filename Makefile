@@ -16,7 +16,7 @@ TEST_TOOLS := /usr/bin/echoscu /usr/bin/storescu /usr/bin/findscu /usr/bin/moves
 
 help:
 	@echo "make run    create .venv, install pacsd, start it on embedded defaults"
-	@echo "            (AE PACSD, DICOM port 11112, data in ./var)"
+	@echo "            (AE PACSD, DICOM port 11112, DICOMweb on 127.0.0.1:8042, data in ./var)"
 	@echo "make test   install test dependencies (Python extras, DCMTK, dicom3tools), run all tests"
 	@echo "make bench  install Orthanc and DCMTK if missing, run pacsd side by side with them"
 	@echo "            (5-12 min; see bench/README.md; BENCH_ARGS='--only small,huge' for a subset)"

@@ -69,6 +69,15 @@ def build_registry(settings: Settings, archive: Archive | None = None) -> Servic
 
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     """Run until SIGTERM/SIGINT (or `stop` is set), then shut down cleanly."""
+    # Handlers first: a signal that comes while the listeners start up (a supervisor's stop,
+    # Ctrl-C) is then a clean shutdown once they are up, not a KeyboardInterrupt.
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, _on_signal, stop, sig)
+        except (NotImplementedError, RuntimeError):
+            pass
     archive = Archive(settings)
     # IAN: the writer records owed notifications in its transactions (before it starts).
     ian_sender = ian.attach(archive, settings)
@@ -89,13 +98,6 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     if ian_sender is not None:
         ian_sender.start()
     await archive.commitment.start()  # storage commitment reports, retried across restarts
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, _on_signal, stop, sig)
-        except (NotImplementedError, RuntimeError):
-            pass
     log.info("pacsd.started", version=__version__,
              data_dir=str(settings.storage.data_dir.resolve()),
              index=_safe_url(settings.database.url),
