@@ -45,7 +45,11 @@ from typing import BinaryIO
 
 import pydicom
 from pydicom.datadict import DicomDictionary
+from pydicom.charset import convert_encodings, default_encoding
+from pydicom.dataelem import RawDataElement, empty_value_for_VR
 from pydicom.filereader import read_dataset
+from pydicom.tag import BaseTag
+from pydicom.values import convert_string
 
 __all__ = [
     "DataSetError",
@@ -384,10 +388,17 @@ class _Walker:
     """
 
     def __init__(self, src, max_depth: int, header: bool = False,
-                 max_value: int = MAX_HEADER_VALUE, max_header: int = MAX_HEADER_BYTES) -> None:
+                 max_value: int = MAX_HEADER_VALUE, max_header: int = MAX_HEADER_BYTES,
+                 check_rest: bool = False) -> None:
         self.src = src
+        # Header mode: after the pixel data element, walk on to the end as check_structure does.
+        self.check_rest = check_rest
+        self.copied: list[bytes] | None = None
         self.max_depth = max_depth
         self.out: list[bytes] | None = [] if header else None
+        # Header mode: top-level elements other than sequences, as pydicom's raw elements
+        # (pydicom would otherwise parse the copy of them again).
+        self.raw: list[RawDataElement] | None = [] if header else None
         self.max_value = max_value
         self.max_header = max_header
         self.kept = 0
@@ -443,9 +454,24 @@ class _Walker:
 
     # -- copying (header mode) ------------------------------------------------------------------
 
+    def _raw(self, pos: int, hdr: int, length: int, tag: int, vr: bytes | None, enc: _Encoding,
+             limit: int | None, where) -> None:
+        src = self.src
+        n = hdr + length
+        i = src.need(pos, n)
+        if len(src.buf) - i < n:
+            raise self._past(f"element {_tag(tag)}", length, pos, limit, where)
+        self._count(n)
+        name = None if vr is None else vr.decode("latin-1")
+        value = bytes(src.buf[i + hdr:i + n]) if length else empty_value_for_VR(name, raw=True)
+        self.raw.append(RawDataElement(BaseTag(tag), name, length, value, pos + hdr, enc.implicit, enc.little))
+
     def _keep(self, chunk: bytes) -> None:
         self.out.append(chunk)
-        self.kept += len(chunk)
+        self._count(len(chunk))
+
+    def _count(self, n: int) -> None:
+        self.kept += n
         if self.kept > self.max_header:
             raise DataSetError(
                 f"the elements before the pixel data exceed {self.max_header} bytes"
@@ -548,7 +574,10 @@ class _Walker:
                 raise self._command(tag, pos, where)
             if top and out is not None and tag in _PIXEL_TAGS:
                 self.pixel_offset = pos
-                return False
+                if not self.check_rest:
+                    return False
+                # The header is complete: the rest of the walk only checks the structure.
+                self.copied, self.out, out = self.out, None, None
 
             start = pos + hdr
             if length == _UNDEFINED:
@@ -593,10 +622,12 @@ class _Walker:
                 continue
 
             if out is not None:
-                if length <= self.max_value:
-                    self._copy(pos, hdr + length, f"element {_tag(tag)}", length, limit, where)
-                else:
+                if length > self.max_value:
                     self.dropped += 1
+                elif top:
+                    self._raw(pos, hdr, length, tag, vr, element_enc, limit, where)
+                else:
+                    self._copy(pos, hdr + length, f"element {_tag(tag)}", length, limit, where)
             if end > src.base + len(src.buf) and not src.skip_to(end):
                 raise self._past(f"element {_tag(tag)}", length, pos, limit, where)
             self.pos = end
@@ -767,7 +798,7 @@ def check_structure(f: BinaryIO, start: int, end: int, transfer_syntax: str,
 
 def read_header(path: Path | BinaryIO, offset: int, transfer_syntax: str, *,
                 max_value: int = MAX_HEADER_VALUE, max_header: int = MAX_HEADER_BYTES,
-                max_depth: int = 16) -> tuple[pydicom.Dataset, int | None]:
+                max_depth: int = 16, whole: bool = False) -> tuple[pydicom.Dataset, int | None]:
     """The data set's elements before the pixel data, and where the pixel data element starts.
 
     Reads the data set that starts at byte `offset` of the file at `path` up to, not
@@ -789,7 +820,8 @@ def read_header(path: Path | BinaryIO, offset: int, transfer_syntax: str, *,
 
     Raises DataSetError when the structure before the pixel data is broken, or when the kept
     elements exceed `max_header` bytes. For a deflated data set only as much is inflated as
-    the walk needs.
+    the walk needs. With `whole`, the walk goes on to the end of the data and checks all of
+    it as `check_structure` does, in the same pass (the ingest path's one walk).
     """
     enc, deflated = _encoding_for(transfer_syntax)
     # `path` may also be an open binary file (the ingest passes the bytes it still holds).
@@ -799,20 +831,41 @@ def read_header(path: Path | BinaryIO, offset: int, transfer_syntax: str, *,
             raise DataSetError(f"data set offset {offset} is outside the {size}-byte file")
         if deflated:
             src = _InflateSource(f, offset, size, MAX_INFLATED)
-            walker = _Walker(src, max_depth, header=True, max_value=max_value, max_header=max_header)
+            walker = _Walker(src, max_depth, header=True, max_value=max_value, max_header=max_header,
+                             check_rest=whole)
             walker.pos = 0
             walker.dataset(enc, None, _MODE_STREAM, 0, "the data set")
+            if whole:
+                src.check_trailer()
             pixel = None if walker.pixel_offset is None else offset + walker.pixel_offset
         else:
             src = _FileSource(f, offset, size)
-            walker = _Walker(src, max_depth, header=True, max_value=max_value, max_header=max_header)
+            walker = _Walker(src, max_depth, header=True, max_value=max_value, max_header=max_header,
+                             check_rest=whole)
             walker.pos = offset
             walker.dataset(enc, size, _MODE_EXACT, 0, "the data set")
             pixel = walker.pixel_offset
-    data = b"".join(walker.out)
-    walker.out = None
-    ds = read_dataset(io.BytesIO(data), enc.implicit, enc.little)
-    return ds, pixel
+    return _header_dataset(walker, enc), pixel
+
+
+def _header_dataset(walker: _Walker, enc: _Encoding) -> pydicom.Dataset:
+    """The walker's top-level raw elements, with its copy of the sequences parsed by pydicom
+    (in the data set's character set, which their items inherit), as one Dataset."""
+    if walker.copied is not None:
+        walker.out = walker.copied
+    elements = {element.tag: element for element in walker.raw}
+    encoding: str | list[str] = default_encoding
+    charset = elements.get(0x00080005)
+    if charset is not None:
+        encoding = convert_encodings(convert_string(charset.value or b"", enc.little))
+    if walker.out:
+        sequences = read_dataset(io.BytesIO(b"".join(walker.out)), enc.implicit, enc.little,
+                                 parent_encoding=encoding)
+        elements.update((tag, sequences.get_item(tag)) for tag in sequences.keys())
+    walker.out = walker.raw = None
+    ds = pydicom.Dataset(dict(sorted(elements.items())))
+    ds.set_original_encoding(enc.implicit, enc.little, encoding)
+    return ds
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import structlog
 from pacsd.dimse.status import Status
 from pacsd.index.levels import rows
 from pacsd.index.writer import IndexRecord, IndexWriter
-from pacsd.ingest.dataset import DataSetError, check_structure, read_header
+from pacsd.ingest.dataset import DataSetError, read_header
 from pacsd.store.blobstore import BlobStore
 from pacsd.uid import uid_problem
 
@@ -137,12 +137,8 @@ class Ingest:
         # it passed (a refused instance never touches the disk).
         source = io.BytesIO(buffer) if buffer is not None else incoming.path
         try:
-            if buffer is not None:
-                check_structure(source, offset, len(buffer), ts)
-            else:
-                with open(source, "rb") as f:
-                    check_structure(f, offset, source.stat().st_size, ts)
-            ds, _pixel_offset = read_header(source, offset, ts)
+            # One walk: the header for the index, and the whole data set checked to its end.
+            ds, _pixel_offset = read_header(source, offset, ts, whole=True)
         except DataSetError as exc:
             raise Rejected(Status.CANNOT_UNDERSTAND, f"data set cannot be parsed: {exc}") from None
         except OSError:

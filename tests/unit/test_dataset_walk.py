@@ -253,6 +253,8 @@ def test_corpus_file(path: Path, tmp_path: Path) -> None:
     if sample.name in MALFORMED:
         with pytest.raises(DataSetError, match=MALFORMED[sample.name]):
             _check_file(spool, offset, sample.ts)
+        with pytest.raises(DataSetError, match=MALFORMED[sample.name]):
+            read_header(spool, offset, sample.ts, whole=True)  # the ingest's one walk
         return
 
     _check_file(spool, offset, sample.ts)
@@ -263,6 +265,9 @@ def test_corpus_file(path: Path, tmp_path: Path) -> None:
         orig = pydicom.dcmread(path, stop_before_pixels=True, force=sample.forced)
     assert_same(orig, mine)
     assert mine.original_character_set == orig.original_character_set
+    whole, whole_pixel = read_header(spool, offset, sample.ts, whole=True)
+    assert_same(orig, whole)
+    assert whole_pixel == pixel
 
     expected = _pixel_tag_position(sample)
     if expected is None:
@@ -297,6 +302,11 @@ def test_corpus_file_deflated(path: Path, tmp_path: Path) -> None:
         warnings.simplefilter("ignore")
         orig = pydicom.dcmread(path, stop_before_pixels=True, force=sample.forced)
     assert_same(orig, mine)
+    assert_same(orig, read_header(spool, offset, DEFLATED, whole=True)[0])
+    with open(spool, "ab") as f:  # the one walk checks the deflate stream's end too
+        f.write(b"\x00" * 9)
+    with pytest.raises(DataSetError):
+        read_header(spool, offset, DEFLATED, whole=True)
     expected = _pixel_tag_position(sample)
     assert pixel == (None if expected is None else offset + expected)
 
@@ -430,7 +440,7 @@ def test_truncated_data_sets_fail(name: str, tmp_path: Path) -> None:
     meta = build_file_meta(sample.sop_class, sample.sop_instance, sample.ts, "STORESCU",
                            IMPL_UID, "PACSD_0.1.0")
     failed_wrongly, passed_wrongly = [], []
-    for cut in sorted(cuts):
+    for n, cut in enumerate(sorted(cuts)):
         spooled = meta + data[:cut]
         try:
             check_structure(io.BytesIO(spooled), len(meta), len(spooled), sample.ts)
@@ -440,6 +450,15 @@ def test_truncated_data_sets_fail(name: str, tmp_path: Path) -> None:
         else:
             if cut not in complete:
                 passed_wrongly.append(cut)
+        if n % 5 == 0:  # the ingest's one walk (header and structure) judges every cut the same
+            try:
+                read_header(io.BytesIO(spooled), len(meta), sample.ts, whole=True)
+            except DataSetError:
+                if cut in complete:
+                    failed_wrongly.append(("whole", cut))
+            else:
+                if cut not in complete:
+                    passed_wrongly.append(("whole", cut))
     assert not passed_wrongly, f"cut-off data sets accepted at {passed_wrongly[:20]}"
     assert not failed_wrongly, f"complete data sets (top-level boundaries) rejected at {failed_wrongly[:20]}"
 
