@@ -311,6 +311,9 @@ def test_a_failure_status_is_retried_with_backoff(start_daemon, ris):
     assert [f["attempts"] for f in failures] == [1, 2]
     assert "0x0110" in failures[0]["error"]
     assert [f["retry_in"] for f in failures] == [0.5, 1.0]
+    # The RIS has the third request; the row is marked delivered once its response is in.
+    [delivered] = daemon.wait_for_event("ian.delivered")
+    assert delivered["attempts"] == 3
     [row] = outbox(daemon)
     assert row["state"] == "delivered" and row["attempts"] == 3
 
