@@ -402,7 +402,7 @@ class CommitmentSCP:
         except AssociationError:
             pass  # recorded all the same: the report goes out on a new association
         finally:
-            self._spawn(self._first(tx, assoc, message.context_id))
+            self._spawn(self._deliver(tx, assoc, message.context_id))
 
     async def _action_information(self, assoc: Association, message: Message) -> Dataset:
         spool = message.dataset
@@ -432,8 +432,10 @@ class CommitmentSCP:
 
     # -- after the response --
 
-    async def _first(self, tx: Transaction, assoc: Association, context_id: int) -> None:
-        """Check the instances, then report on the requesting association if it is still there."""
+    async def _deliver(self, tx: Transaction, assoc: Association | None = None,
+                       context_id: int | None = None) -> None:
+        """Check the instances, then report: first on the requesting association if it is
+        still there (`assoc`), on retries (no `assoc`) on a new one, waking the retry task after."""
         try:
             await self._ensure_result(tx)
             await self._attempt(tx, assoc, context_id)
@@ -443,6 +445,8 @@ class CommitmentSCP:
             log.exception("commitment.internal_error", transaction_uid=tx.transaction_uid)
         finally:
             self._busy.discard(tx.transaction_uid)
+            if assoc is None:
+                self._wake.set()
 
     async def _ensure_result(self, tx: Transaction) -> None:
         if tx.result is not None:
@@ -557,18 +561,6 @@ class CommitmentSCP:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def _retry(self, tx: Transaction) -> None:
-        try:
-            await self._ensure_result(tx)
-            await self._attempt(tx)
-        except _Superseded:
-            log.info("commitment.superseded", transaction_uid=tx.transaction_uid)
-        except Exception:
-            log.exception("commitment.internal_error", transaction_uid=tx.transaction_uid)
-        finally:
-            self._busy.discard(tx.transaction_uid)
-            self._wake.set()
-
     async def _run(self) -> None:
         """Deliver due reports until cancelled."""
         engine = self.archive.engine
@@ -591,7 +583,7 @@ class CommitmentSCP:
                         self._busy.discard(tx.transaction_uid)  # changed since read
                         continue
                     running += 1
-                    self._spawn(self._retry(tx))
+                    self._spawn(self._deliver(tx))
                 wait = IDLE_POLL
                 upcoming = await next_due(engine)
                 if upcoming is not None:
