@@ -185,13 +185,18 @@ def _run(coro):
     return uvloop.run(coro)
 
 
+def node_and_files(command):
+    """HOST PORT PATH... and --aec: the remote node and the Part 10 files for it (store, commit)."""
+    command = click.option("--aec", default="PACSD", show_default=True, callback=_ae,
+                           help="Called AE title: the AE title of the remote node.")(command)
+    command = click.argument("paths", metavar="PATH...", nargs=-1, required=True,
+                             type=click.Path(exists=True, path_type=Path))(command)
+    command = click.argument("port", type=click.IntRange(1, 65535))(command)
+    return click.argument("host")(command)
+
+
 @main.command()
-@click.argument("host")
-@click.argument("port", type=click.IntRange(1, 65535))
-@click.argument("paths", metavar="PATH...", nargs=-1, required=True,
-                type=click.Path(exists=True, path_type=Path))
-@click.option("--aec", default="PACSD", show_default=True, callback=_ae,
-              help="Called AE title: the AE title of the remote node.")
+@node_and_files
 @click.option("--aet", default="PACSD-SCU", show_default=True, callback=_ae,
               help="Calling AE title: how this client introduces itself.")
 @click.option("--recursive", "-r", is_flag=True,

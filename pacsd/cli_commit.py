@@ -10,16 +10,11 @@ from pathlib import Path
 import click
 
 from pacsd import logs
-from pacsd.cli import _ae, _run, main, part10_files
+from pacsd.cli import _ae, _run, main, node_and_files, part10_files
 
 
 @main.command()
-@click.argument("host")
-@click.argument("port", type=click.IntRange(1, 65535))
-@click.argument("paths", metavar="PATH...", nargs=-1, required=True,
-                type=click.Path(exists=True, path_type=Path))
-@click.option("--aec", default="PACSD", show_default=True, callback=_ae,
-              help="Called AE title: the AE title of the remote node.")
+@node_and_files
 @click.option("--aet", default="PACSD-SCU", show_default=True, callback=_ae,
               help="Calling AE title: how this client introduces itself (the remote node "
                    "finds where to send a late report by this title).")
