@@ -18,7 +18,6 @@ import errno
 import hashlib
 import io
 import os
-import uuid
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,15 +149,14 @@ class Ingest:
             level_rows = rows(ds)
         except Exception as exc:
             raise Rejected(Status.CANNOT_UNDERSTAND, f"attribute values cannot be decoded: {exc}") from None
+        key = self.store.new_key()
         if buffer is not None:
-            incoming.path = self.spool_dir / f"{uuid.uuid4().hex}.spool"
-            _write_file(incoming.path, buffer)
+            # Straight to its place in the store: no spool file to write, link and remove.
             digest = hashlib.sha256(buffer).hexdigest()
+            stored_size = self.store.put_bytes(key, buffer)
         else:
             digest = _sha256(incoming.path)
-        path = incoming.path
-        key = self.store.new_key()
-        stored_size = self.store.put_from_spool(path, key)
+            stored_size = self.store.put_from_spool(incoming.path, key)
         return IndexRecord(
             rows=level_rows,
             blob_key=key,
@@ -228,17 +226,3 @@ def _unlink(path: Path | None) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
-
-
-def _write_file(path: Path, data: bytearray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-    except BaseException:
-        os.close(fd)
-        _unlink(path)
-        raise
-    os.close(fd)

@@ -8,9 +8,12 @@ the event loop.
 
 Durability protocol for one group-commit of the index:
 
-    for each instance:  size = store.put_from_spool(spool_path, key)   # file fsynced + placed
-    store.sync(keys_of_the_group)                                      # directory entries durable
-    commit the index rows                                              # only now answer success
+    for each instance:  size = store.put_from_spool(spool_path, key)   # placed, not yet durable
+                   or:  size = store.put_bytes(key, data)
+    store.sync(keys_of_the_group)        # the blobs' data and directory entries durable
+    commit the index rows                # only now answer success
+
+The index statements may run while `sync` runs; only the commit has to wait for it.
 """
 
 from __future__ import annotations
@@ -36,16 +39,26 @@ class BlobStore(abc.ABC):
     def put_from_spool(self, spool_path: Path, key: str) -> int:
         """Move a finished spool file into the store under `key`; return its size in bytes.
 
-        The file's data is fsynced and it is placed under its final name (parent directories
-        created as needed). The directory entry is NOT yet durable: call `sync(keys)` for the
-        whole group before committing the index, so one directory fsync serves many blobs.
+        The file is placed under its final name (parent directories created as needed), but
+        neither its data nor its directory entry is durable yet: call `sync(keys)` for the
+        whole group before committing the index, so one directory fsync serves many blobs
+        and the fsyncs overlap the index statements.
         Raises FileExistsError, leaving the stored blob untouched, if `key` is already taken.
         On any error the spool file stays where it was (the caller discards it).
         """
 
     @abc.abstractmethod
+    def put_bytes(self, key: str, data: bytes | bytearray | memoryview) -> int:
+        """Write `data` as the blob `key` (a small instance still in memory); return its size.
+
+        Same promises as `put_from_spool`: not durable until `sync`, FileExistsError if `key`
+        is taken, nothing left behind on any error.
+        """
+
+    @abc.abstractmethod
     def sync(self, keys: Iterable[str]) -> None:
-        """Make the placement of these keys durable (each distinct directory fsynced once)."""
+        """Make these blobs durable: the data of each one placed since the last sync, and
+        the directory entries (each distinct directory fsynced once)."""
 
     @abc.abstractmethod
     def open(self, key: str, start: int = 0, end: int | None = None) -> BinaryIO | RangeReader:

@@ -16,6 +16,12 @@ directory, which the startup spool sweep removes. Two fallbacks:
   os.rename. The check and the rename are not atomic together; keys are random 128-bit
   values generated here, so two writers never race for one name in practice.
 
+Data: a blob is placed first and made durable later. `put_from_spool` and `put_bytes` only
+write and place; `sync(keys)` fsyncs each blob placed since (and the directories below), so
+the index writer can run its statements while those fsyncs run, and commit after both. A
+crash before `sync` can leave a placed blob with incomplete data, but never one the index
+points at: rows commit only after `sync` returned.
+
 Directories: the day and minute directories are created on demand. A directory that did not
 exist before needs its own entry made durable too, so the store remembers which directories it
 created and `sync` fsyncs their parents along with the blobs' directories. Empty directories
@@ -75,12 +81,12 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def _fsync_file(path: str | os.PathLike) -> int:
-    """fsync a finished file through a read-only descriptor; return its size."""
+def _fsync_file(path: str | os.PathLike) -> None:
+    """fsync a finished file through a read-only descriptor (Linux flushes the inode's data
+    whichever descriptor asks)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-        return os.fstat(fd).st_size
     finally:
         os.close(fd)
 
@@ -104,6 +110,8 @@ class FileTreeBlobStore(BlobStore):
         self._root = os.fspath(self.root)
         # Directories this store created whose entry (in their parent) is not yet known durable.
         self._new_dirs: set[str] = set()
+        # Blobs placed whose data is not yet fsynced (sync() does it).
+        self._unsynced: set[str] = set()
         self._lock = threading.Lock()
         if not os.path.isdir(self._root):
             self.root.mkdir(parents=True, exist_ok=True)
@@ -143,7 +151,7 @@ class FileTreeBlobStore(BlobStore):
 
     def put_from_spool(self, spool_path: Path, key: str) -> int:
         final = self._path(key)
-        size = _fsync_file(spool_path)
+        size = os.stat(spool_path).st_size
         self._make_dirs(key)
         try:
             linked = self._place(spool_path, final)
@@ -152,9 +160,31 @@ class FileTreeBlobStore(BlobStore):
                 raise
             self._place_by_copy(spool_path, final)
             linked = True
+        self._placed(final)
         if linked:
             os.unlink(spool_path)
         return size
+
+    def put_bytes(self, key: str, data: bytes | bytearray | memoryview) -> int:
+        final = self._path(key)
+        self._make_dirs(key)
+        # O_EXCL: a taken name fails here, as link() does for a spool file.
+        fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        except BaseException:
+            os.close(fd)
+            os.unlink(final)
+            raise
+        os.close(fd)
+        self._placed(final)
+        return len(data)
+
+    def _placed(self, final: str) -> None:
+        with self._lock:
+            self._unsynced.add(final)
 
     def _place(self, src: str | os.PathLike, final: str) -> bool:
         """Give the file `src` the name `final`, never replacing an existing file.
@@ -175,7 +205,7 @@ class FileTreeBlobStore(BlobStore):
         return False
 
     def _place_by_copy(self, spool_path: str | os.PathLike, final: str) -> None:
-        """Spool on another filesystem: copy next to `final`, fsync, place, drop the copy."""
+        """Spool on another filesystem: copy next to `final`, place, drop the copy."""
         if os.path.lexists(final):  # fail before copying gigabytes for nothing
             raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), final)
         directory = os.path.dirname(final)
@@ -186,7 +216,6 @@ class FileTreeBlobStore(BlobStore):
                 dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
                 try:
                     _copy_file(src, dst)
-                    os.fsync(dst)
                 finally:
                     os.close(dst)
             finally:
@@ -200,13 +229,20 @@ class FileTreeBlobStore(BlobStore):
 
     def sync(self, keys: Iterable[str]) -> None:
         minutes: set[str] = set()
+        paths: list[str] = []
         for key in keys:
-            validate_key(key)
+            paths.append(self._path(key))
             minutes.add(self._dirs_of(key)[1])
         if not minutes:
             return
         with self._lock:
             pending = set(self._new_dirs)
+            files = self._unsynced.intersection(paths)
+        for path in files:
+            _fsync_file(path)
+        if files:
+            with self._lock:
+                self._unsynced -= files
         # A blob's directory always; its parents too while their entry is not known durable.
         to_sync: set[str] = set(minutes)
         created: set[str] = set()
@@ -228,6 +264,8 @@ class FileTreeBlobStore(BlobStore):
 
     def delete(self, key: str) -> bool:
         path = self._path(key)
+        with self._lock:
+            self._unsynced.discard(path)
         try:
             os.unlink(path)
         except (FileNotFoundError, NotADirectoryError):

@@ -249,6 +249,7 @@ BAD_KEYS = [
 
 KEY_METHODS = {
     "put_from_spool": lambda s, k, spool_path: s.put_from_spool(spool_path, k),
+    "put_bytes": lambda s, k, spool_path: s.put_bytes(k, b"not for storing"),
     "sync": lambda s, k, spool_path: s.sync([k]),
     "sync-after-good": lambda s, k, spool_path: s.sync([GOOD_KEY, k]),
     "open": lambda s, k, spool_path: s.open(k),
@@ -362,19 +363,80 @@ def events(monkeypatch):
     return seen
 
 
-def test_put_fsyncs_the_file_before_placing_it(store, spool, events):
+def _fsynced(events) -> list[str]:
+    return [e[1] for e in events if e[0] == "fsync"]
+
+
+def test_put_places_and_sync_makes_the_blob_durable(store, spool, events):
     spool_path = spool(b"payload" * 1000)
     key = store.new_key()
     store.put_from_spool(spool_path, key)
     final = str(store.path(key))
-    assert events[0] == ("fsync", str(spool_path))
-    placed = events.index(("link", str(spool_path), final))
-    assert ("fsync", str(spool_path)) in events[:placed]
-    # The directory is left to sync(): put itself fsyncs nothing else.
-    assert [e for e in events if e[0] == "fsync"] == [("fsync", str(spool_path))]
+    assert ("link", str(spool_path), final) in events
+    # Placing fsyncs nothing: sync() does it, while the index writer runs its statements.
+    assert _fsynced(events) == []
+    store.sync([key])
+    assert _fsynced(events)[0] == final
+    assert set(_fsynced(events)) == {final, os.path.dirname(final), os.path.dirname(os.path.dirname(final)),
+                                     str(store.root)}
+    # Once durable, a later sync of the same key fsyncs only its directory.
+    events.clear()
+    store.sync([key])
+    assert _fsynced(events) == [os.path.dirname(final)]
 
 
-def test_put_without_hardlinks_fsyncs_before_rename(store, spool, events, monkeypatch):
+def test_put_bytes_writes_the_blob_in_place_and_sync_makes_it_durable(store, data_dir, events):
+    data = payload(9000, seed=5)
+    key = store.new_key()
+    assert store.put_bytes(key, bytearray(data)) == len(data)
+    final = str(store.path(key))
+    assert Path(final).read_bytes() == data
+    assert _fsynced(events) == []
+    assert list((data_dir / "spool").iterdir()) == []  # no spool file on the way
+    store.sync([key])
+    assert _fsynced(events)[0] == final
+    assert store.sha256(key) == hashlib.sha256(data).hexdigest()
+
+
+def test_put_bytes_onto_existing_key_is_refused(store, spool):
+    key = store.new_key()
+    store.put_from_spool(spool(b"first"), key)
+    with pytest.raises(FileExistsError):
+        store.put_bytes(key, b"second")
+    assert store.path(key).read_bytes() == b"first"
+
+
+def test_put_bytes_failing_midway_leaves_nothing(store, monkeypatch):
+    real_write = os.write
+    calls = []
+
+    def write(fd, data):
+        calls.append(len(data))
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, bytes(data)[:100])  # a short write: the loop must go on
+
+    monkeypatch.setattr(os, "write", write)
+    key = store.new_key()
+    with pytest.raises(OSError) as info:
+        store.put_bytes(key, payload(5000))
+    assert info.value.errno == errno.ENOSPC
+    assert not store.exists(key)
+    assert files_under(store.root) == []
+    monkeypatch.setattr(os, "write", real_write)
+    store.sync([key])  # nothing pending for it: only directories
+
+
+def test_deleted_blob_is_not_fsynced_later(store, spool, events):
+    key = store.new_key()
+    store.put_bytes(key, b"gone")
+    assert store.delete(key)
+    events.clear()
+    store.sync([key])
+    assert str(store.path(key)) not in _fsynced(events)
+
+
+def test_put_without_hardlinks_renames_and_sync_fsyncs_the_blob(store, spool, events, monkeypatch):
     def link(src, dst, *args, **kwargs):
         events.append(("link-refused", str(src), str(dst)))
         raise OSError(errno.EOPNOTSUPP, "Operation not supported")
@@ -384,13 +446,14 @@ def test_put_without_hardlinks_fsyncs_before_rename(store, spool, events, monkey
     key = store.new_key()
     store.put_from_spool(spool_path, key)
     final = str(store.path(key))
-    renamed = events.index(("rename", str(spool_path), final))
-    assert ("fsync", str(spool_path)) in events[:renamed]
+    assert ("rename", str(spool_path), final) in events
     assert Path(final).read_bytes() == b"payload" * 1000
     assert not spool_path.exists()
+    store.sync([key])
+    assert final in _fsynced(events)
 
 
-def test_put_across_devices_fsyncs_the_copy_before_placing_it(store, spool, events, monkeypatch):
+def test_put_across_devices_places_a_copy_and_sync_fsyncs_it(store, spool, events, monkeypatch):
     recording_link = os.link
 
     def link(src, dst, *args, **kwargs):
@@ -407,9 +470,10 @@ def test_put_across_devices_fsyncs_the_copy_before_placing_it(store, spool, even
     assert len(links) == 1 and links[0][2] == final
     tmp = links[0][1]
     assert os.path.dirname(tmp) == os.path.dirname(final)
-    assert ("fsync", tmp) in events[: events.index(links[0])]
     assert not os.path.exists(tmp)
     assert not spool_path.exists()
+    store.sync([key])
+    assert final in _fsynced(events)
 
 
 # -- sync ------------------------------------------------------------------------------------
@@ -427,10 +491,12 @@ def test_sync_fsyncs_each_directory_once(store, spool, clock, fsyncs):
         store.put_from_spool(spool(key.encode()), key)
         keys.append(key)
 
-    # New day and minute directories: their parents' entries must become durable too.
+    # New day and minute directories: their parents' entries must become durable too; and
+    # every blob's data, once.
     fsyncs.clear()
     store.sync(keys + keys[:2])  # duplicates change nothing
-    assert Counter(fsyncs) == Counter({m42: 1, m43: 1, day: 1, root: 1})
+    blobs = {str(store.path(k)): 1 for k in keys}
+    assert Counter(fsyncs) == Counter({m42: 1, m43: 1, day: 1, root: 1, **blobs})
 
     # Second time round the directories are known: only the blobs' own directories.
     fsyncs.clear()
@@ -442,7 +508,7 @@ def test_sync_fsyncs_each_directory_once(store, spool, clock, fsyncs):
     store.put_from_spool(spool(b"more"), more)
     fsyncs.clear()
     store.sync([more])
-    assert fsyncs == [m42]
+    assert fsyncs == [str(store.path(more)), m42]
 
     # A new minute in an existing day: the minute and the day, not the root.
     clock.now = datetime(2026, 11, 30, 10, 44, 0, tzinfo=timezone.utc)
@@ -450,7 +516,7 @@ def test_sync_fsyncs_each_directory_once(store, spool, clock, fsyncs):
     store.put_from_spool(spool(b"late"), late)
     fsyncs.clear()
     store.sync([late])
-    assert Counter(fsyncs) == Counter({m44: 1, day: 1})
+    assert Counter(fsyncs) == Counter({str(store.path(late)): 1, m44: 1, day: 1})
 
     fsyncs.clear()
     store.sync([])
