@@ -8,7 +8,7 @@ and only then may a success status go back to the sender (DESIGN §4).
 from __future__ import annotations
 
 import asyncio
-from collections import OrderedDict
+from collections import OrderedDict, namedtuple
 from concurrent.futures import Executor, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
@@ -99,14 +99,56 @@ class _Prepared:
         params = [tuple(value if process is None else process(value)
                         for value, process in zip((row[name] for name in names), processors))
                   for row in rows]
-        conn.exec_driver_sql(sql, params if len(params) > 1 else params[0])
+        if len(params) > 1:
+            _driver_execute(conn, sql, params, many=True)
+        else:
+            _driver_execute(conn, sql, params[0])
+
+
+def _driver_execute(conn: sa.Connection, sql: str, params: tuple | list[tuple],
+                    many: bool = False) -> list[tuple]:
+    """Run `sql` (already compiled for conn's dialect) on the DBAPI cursor, inside conn's
+    transaction; the rows it returns, if any. Even exec_driver_sql sets up an execution
+    context, a result and event dispatch per call, several times what SQLite takes for
+    these statements; asyncpg's adapted cursor works the same way under run_sync."""
+    dbapi = conn.dialect.loaded_dbapi
+    cursor = conn.connection.dbapi_connection.cursor()
+    try:
+        if many:
+            cursor.executemany(sql, params)
+            return []
+        cursor.execute(sql, params)
+        return cursor.fetchall() if cursor.description is not None else []
+    except dbapi.Error as exc:
+        # The same exception classes Connection.execute raises (IntegrityError, ...).
+        raise sa.exc.DBAPIError.instance(sql, params, exc, dbapi.Error) from exc
+    finally:
+        cursor.close()
 
 
 # The statements of the common path, built once: building a Core statement and its cache key
 # costs several times what SQLite takes to run it.
-_EXISTING = sa.select(instances.c.pk, instances.c.sop_instance_uid, instances.c.blob_key,
-                      instances.c.series_pk).where(
-    instances.c.sop_instance_uid.in_(sa.bindparam("uids", expanding=True)))
+class _Existing:
+    """The duplicate check of a group: the instances already indexed under its SOP Instance
+    UIDs, by UID. Compiled once per dialect and number of UIDs (at most MAX_GROUP forms)."""
+
+    Row = namedtuple("Row", "pk sop_instance_uid blob_key series_pk")
+
+    def __init__(self) -> None:
+        self._compiled: dict[tuple[str, int], str] = {}
+
+    def __call__(self, conn: sa.Connection, uids: list[str]) -> dict[str, "_Existing.Row"]:
+        key = (conn.dialect.name, len(uids))
+        sql = self._compiled.get(key)
+        if sql is None:
+            stmt = sa.select(instances.c.pk, instances.c.sop_instance_uid, instances.c.blob_key,
+                             instances.c.series_pk).where(
+                instances.c.sop_instance_uid.in_([sa.bindparam(f"u{i}") for i in range(len(uids))]))
+            sql = self._compiled[key] = str(stmt.compile(dialect=conn.dialect))
+        return {row[1]: self.Row(*row) for row in _driver_execute(conn, sql, tuple(uids))}
+
+
+_EXISTING = _Existing()
 _INSERT_INSTANCES = _Prepared(instances.insert())
 _COUNT_SERIES = _Prepared(series.update().where(series.c.pk == sa.bindparam("b_pk")).values(
     num_instances=series.c.num_instances + sa.bindparam("b_n"), updated_at=sa.bindparam("b_now")))
@@ -163,6 +205,7 @@ class IndexWriter:
         self.committed = 0
         self._sync_engine = sync_engine_for(engine)
         self._db_thread: ThreadPoolExecutor | None = None
+        self._conn: sa.Connection | None = None  # the SQLite writer's, used in _db_thread only
         self._fsync_thread: ThreadPoolExecutor | None = None
         # Optional hooks (the IAN outbox uses both). in_transaction(conn, study_uids, now) runs
         # inside each group's transaction, in the database thread, with the studies that got
@@ -180,6 +223,7 @@ class IndexWriter:
             await self._task
             self._task = None
         if self._db_thread is not None:
+            self._db_thread.submit(self._close_connection).result()
             self._db_thread.submit(self._sync_engine.dispose).result()
             self._db_thread.shutdown(wait=True)
             self._db_thread = None
@@ -257,12 +301,26 @@ class IndexWriter:
             self._fsync_thread = ThreadPoolExecutor(1, thread_name_prefix="pacsd-dirsync")
         synced = self._fsync_thread.submit(self.store.sync, keys)
         try:
-            with self._sync_engine.begin() as conn:
-                result = self._commit_sync(conn, group)
-                synced.result()  # raises (and so rolls back) if a directory fsync failed
+            if self._conn is None:
+                # Kept open across groups: a pool checkout and check-in (with its reset)
+                # per group cost more than the group's statements.
+                self._conn = self._sync_engine.connect()
+            with self._conn.begin():
+                result = self._commit_sync(self._conn, group)
+                synced.result()  # raises (and so rolls back) if an fsync failed
                 return result
+        except Exception:
+            self._close_connection()  # whatever the failure left behind, the next group starts afresh
+            raise
         finally:
-            futures_wait([synced])  # never leave a directory fsync running behind a failure
+            futures_wait([synced])  # never leave an fsync running behind a failure
+
+    def _close_connection(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            finally:
+                self._conn = None
 
     def _commit_sync(self, conn: sa.Connection, group: list[IndexRecord]):
         """The statements of one group, inside the caller's transaction (sync code: it runs
@@ -284,7 +342,7 @@ class IndexWriter:
         pending_series: dict[str, tuple[int, str]] = {}
         study_objs: dict[str, _Study] = {}
         uids = [r.rows.instance["sop_instance_uid"] for r in group]
-        existing = {row.sop_instance_uid: row for row in conn.execute(_EXISTING, {"uids": uids})}
+        existing = _EXISTING(conn, uids)
         in_group: set[str] = set()
         for record in group:
             uid = record.rows.instance["sop_instance_uid"]
