@@ -39,7 +39,7 @@ DUPLICATE_REJECTED = 0x0111  # PS3.7 C.4.? "Duplicate SOP Instance"
 @dataclass
 class Incoming:
     # Spool file: Part 10 header then the data set bytes as received. With `buffer` set the
-    # same bytes are still in memory and the pipeline writes them to a new spool file.
+    # same bytes are still in memory and the pipeline writes them straight to their blob.
     path: Path | None
     dataset_offset: int
     transfer_syntax: str
