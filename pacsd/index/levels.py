@@ -8,7 +8,7 @@ then answer any key by merging the JSON of the levels above it.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -54,10 +54,18 @@ def level_of(tag: int) -> str:
 
 @dataclass
 class LevelRows:
+    """Column values per level. The instance row carries its DICOM JSON in `attrs`; the
+    patient, study and series JSON stay unserialised in `parts` until the writer inserts
+    that entity (`attrs(level)`): most instances belong to a series it already has."""
+
     patient: dict[str, Any]
     study: dict[str, Any]
     series: dict[str, Any]
     instance: dict[str, Any]
+    parts: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
+
+    def attrs(self, level: str) -> str:
+        return _serialise(self.parts[level])
 
 
 def _value_text(value: Any) -> str:
@@ -93,8 +101,8 @@ def whole_json(ds: Dataset) -> dict[str, Any]:
     return to_json_dict(ds, INLINE_LIMIT, _drop_bulk)
 
 
-def level_json(whole: dict[str, Any]) -> dict[str, str]:
-    """That object split by level and serialised, one string per level.
+def level_parts(whole: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """That object split by level (serialise a part with `_serialise`).
 
     One conversion of the whole header, split by tag afterwards: converting per level costs
     twice as much on the ingest path.
@@ -107,14 +115,16 @@ def level_json(whole: dict[str, Any]) -> dict[str, str]:
         tag = int(key, 16)
         if tag >> 16 != 0x0002:
             split[level_of(tag)][key] = value
-    out = {}
-    for name, part in split.items():
-        if charset is not None:
+    if charset is not None:
+        for part in split.values():
             # Keep the character set at every level: the values are decoded already, but
             # a C-FIND response must say which set its strings are in.
             part["00080005"] = charset
-        out[name] = json.dumps(dict(sorted(part.items())), separators=(",", ":"), ensure_ascii=False)
-    return out
+    return split
+
+
+def _serialise(part: dict[str, Any]) -> str:
+    return json.dumps(dict(sorted(part.items())), separators=(",", ":"), ensure_ascii=False)
 
 
 def _drop_bulk(element) -> str:
@@ -153,7 +163,7 @@ def rows(ds: Dataset) -> LevelRows:
         log.warning("index.unreadable_values_left_out", tags=dropped,
                     sop_instance_uid=str(ds.get("SOPInstanceUID", "")))
         whole = whole_json(ds)
-    attrs = level_json(whole)
+    parts = level_parts(whole)
     patient = {
         "patient_id": _text(whole, 0x00100020, 64),
         "issuer_of_patient_id": _text(whole, 0x00100021, 64),
@@ -161,7 +171,6 @@ def rows(ds: Dataset) -> LevelRows:
         "patient_birth_date": _text(whole, 0x00100030, 8),
         "patient_birth_time": _text(whole, 0x00100032, 16),
         "patient_sex": _text(whole, 0x00100040, 16),
-        "attrs": attrs["patient"],
     }
     study = {
         "study_instance_uid": _text(whole, 0x0020000D, 64),
@@ -171,7 +180,6 @@ def rows(ds: Dataset) -> LevelRows:
         "study_id": _text(whole, 0x00200010, 16),
         "referring_physician_name": _text(whole, 0x00080090, 324),
         "study_description": _text(whole, 0x00081030, 64),
-        "attrs": attrs["study"],
     }
     series = {
         "series_instance_uid": _text(whole, 0x0020000E, 64),
@@ -183,7 +191,6 @@ def rows(ds: Dataset) -> LevelRows:
         "body_part_examined": _text(whole, 0x00180015, 16),
         "performed_procedure_step_start_date": _text(whole, 0x00400244, 8),
         "performed_procedure_step_start_time": _text(whole, 0x00400245, 16),
-        "attrs": attrs["series"],
     }
     instance = {
         "sop_instance_uid": _text(whole, 0x00080018, 64),
@@ -192,7 +199,7 @@ def rows(ds: Dataset) -> LevelRows:
         "content_date": _text(whole, 0x00080023, 8),
         "content_time": _text(whole, 0x00080033, 16),
         "number_of_frames": _int(whole, 0x00280008),
-        "attrs": attrs["instance"],
+        "attrs": _serialise(parts["instance"]),
     }
-    return LevelRows(patient, study, series, instance)
+    return LevelRows(patient, study, series, instance, parts)
 

@@ -357,12 +357,12 @@ class IndexWriter:
             else:
                 outcomes.append(WriteOutcome(stored=True))
             in_group.add(uid)
-            patient_pk = self._patient(conn, record.rows.patient, now, pending_patients)
-            study, study_is_new = self._study(conn, record.rows.study, patient_pk, now, pending_studies)
+            patient_pk = self._patient(conn, record.rows, now, pending_patients)
+            study, study_is_new = self._study(conn, record.rows, patient_pk, now, pending_studies)
             study_uid = record.rows.study["study_instance_uid"]
             study_objs[study_uid] = study
             series_pk, series_is_new = self._series_pk(
-                conn, record.rows.series, study.pk, study_uid, now, pending_series)
+                conn, record.rows, study.pk, study_uid, now, pending_series)
             if study_is_new:
                 new_studies_per_patient[study.patient_pk] = new_studies_per_patient.get(study.patient_pk, 0) + 1
             if series_is_new:
@@ -437,7 +437,8 @@ class IndexWriter:
         for uid, value in pending_series.items():
             self._series.put(uid, value)
 
-    def _patient(self, conn: sa.Connection, row: dict, now, pending) -> int:
+    def _patient(self, conn: sa.Connection, rows: LevelRows, now, pending) -> int:
+        row = rows.patient
         key = (row["patient_id"], row["issuer_of_patient_id"])
         pk = pending.get(key) or self._patients.get_(key)
         if pk is not None:
@@ -448,14 +449,16 @@ class IndexWriter:
         if pk is None:
             pk = (conn.execute(
                 _insert_new(conn, patients, "patient_id", "issuer_of_patient_id")
-                .values(**row, created_at=now, updated_at=now).returning(patients.c.pk)
+                .values(**row, attrs=rows.attrs("patient"), created_at=now, updated_at=now)
+                .returning(patients.c.pk)
             )).scalar()
             if pk is None:  # another writer committed this patient since the lookup
                 pk = (conn.execute(lookup)).scalar_one()
         pending[key] = pk
         return pk
 
-    def _study(self, conn: sa.Connection, row: dict, patient_pk: int, now, pending) -> tuple[_Study, bool]:
+    def _study(self, conn: sa.Connection, rows: LevelRows, patient_pk: int, now, pending) -> tuple[_Study, bool]:
+        row = rows.study
         uid = row["study_instance_uid"]
         study = pending.get(uid) or self._studies.get_(uid)
         if study is not None:
@@ -466,7 +469,8 @@ class IndexWriter:
         found = (conn.execute(lookup)).first()
         if found is None:
             pk = (conn.execute(_insert_new(conn, studies, "study_instance_uid").values(
-                **row, patient_pk=patient_pk, created_at=now, updated_at=now).returning(studies.c.pk))).scalar()
+                **row, attrs=rows.attrs("study"), patient_pk=patient_pk, created_at=now, updated_at=now)
+                .returning(studies.c.pk))).scalar()
             if pk is not None:
                 study = _Study(pk, patient_pk, set(), set())
                 pending[uid] = study
@@ -480,7 +484,9 @@ class IndexWriter:
         pending[uid] = study
         return study, False
 
-    def _series_pk(self, conn: sa.Connection, row: dict, study_pk: int, study_uid: str, now, pending) -> tuple[int, bool]:
+    def _series_pk(self, conn: sa.Connection, rows: LevelRows, study_pk: int, study_uid: str, now,
+                   pending) -> tuple[int, bool]:
+        row = rows.series
         uid = row["series_instance_uid"]
         cached = pending.get(uid) or self._series.get_(uid)
         if cached is not None:
@@ -490,7 +496,8 @@ class IndexWriter:
         is_new = False
         if pk is None:
             pk = (conn.execute(_insert_new(conn, series, "series_instance_uid").values(
-                **row, study_pk=study_pk, created_at=now, updated_at=now).returning(series.c.pk))).scalar()
+                **row, attrs=rows.attrs("series"), study_pk=study_pk, created_at=now, updated_at=now)
+                .returning(series.c.pk))).scalar()
             is_new = pk is not None
             if pk is None:  # another writer committed this series since the lookup
                 pk = (conn.execute(lookup)).scalar_one()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import tracemalloc
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -576,8 +577,14 @@ def many_studies(count: int) -> list:
         date = f"2023{1 + n % 12:02d}{1 + n % 28:02d}"
         subs = {marks["study"]: uid(5, n), marks["series"]: uid(6, n), marks["instance"]: uid(7, n),
                 marks["pid"]: f"BULK{n % 100:03d}", marks["date"]: date}
+        parts = {}
+        for level, part in template.parts.items():  # the levels' JSON, not serialised yet
+            text = json.dumps(part)
+            for old, new in subs.items():
+                text = text.replace(old, new)
+            parts[level] = json.loads(text)
         level_rows = type(template)(**{name: dict(getattr(template, name))
-                                       for name in ("patient", "study", "series", "instance")})
+                                       for name in ("patient", "study", "series", "instance")}, parts=parts)
         for part in (level_rows.patient, level_rows.study, level_rows.series, level_rows.instance):
             for column, value in part.items():
                 if isinstance(value, str):
