@@ -1,0 +1,83 @@
+"""The ingest hot path's file-system calls per instance, counted (not timed).
+
+A small C-STORE arrives in memory. The pipeline writes it straight to its blob, with no
+spool file, link or unlink, and fsyncs nothing itself. The index writer fsyncs the group's
+blobs and their directory beside its statements, before the commit. Each of these calls
+costs the sender time on every instance, so a change that adds one should fail here, on
+any machine, not show up as a few percent in bench/.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from pacsd.app import Archive
+from pacsd.config import Settings, StorageSettings
+from pacsd.dimse.status import Status
+from pacsd.ingest.pipeline import Incoming
+from tests.unit.test_index import make_dataset, part10
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """(call, path) for every os.open that creates a file, fsync, link and unlink; the real
+    calls still run."""
+    seen: list[tuple[str, str]] = []
+    real_open, real_fsync, real_link, real_unlink = os.open, os.fsync, os.link, os.unlink
+
+    def opening(path, flags, *args, **kwargs):
+        if flags & os.O_CREAT:
+            seen.append(("create", str(path)))
+        return real_open(path, flags, *args, **kwargs)
+
+    def fsync(fd):
+        seen.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def link(src, dst, *args, **kwargs):
+        seen.append(("link", str(dst)))
+        return real_link(src, dst, *args, **kwargs)
+
+    def unlink(path, *args, **kwargs):
+        seen.append(("unlink", str(path)))
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", opening)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "link", link)
+    monkeypatch.setattr(os, "unlink", unlink)
+    return seen
+
+
+def incoming(instance: int) -> Incoming:
+    ds = make_dataset(instance=instance)
+    data, offset = part10(ds)
+    return Incoming(path=None, dataset_offset=offset, transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
+                    calling_ae="MODALITY", sop_class_uid=str(ds.SOPClassUID),
+                    sop_instance_uid=str(ds.SOPInstanceUID), buffer=bytearray(data))
+
+
+async def test_a_small_instance_costs_one_create_and_two_fsyncs(tmp_path: Path, calls):
+    archive = Archive(Settings(storage=StorageSettings(data_dir=tmp_path / "var")))
+    await archive.open()
+    try:
+        # The first instance creates the patient, study, series and the day/minute directories.
+        assert (await archive.ingest.ingest(incoming(0))).status == Status.SUCCESS
+        blobs = str(tmp_path / "var" / "blobs")
+        for n in range(1, 6):
+            calls.clear()
+            outcome = await archive.ingest.ingest(incoming(n))
+            assert outcome.status == Status.SUCCESS and outcome.stored
+            blob = str(archive.store.path(outcome.blob_key))
+            # Files: the blob itself, written in place. The database's own files are opened
+            # once per connection, not per instance.
+            assert [c for c in calls if c[0] != "fsync"] == [("create", blob)], calls
+            fsyncs = [path for kind, path in calls if kind == "fsync"]
+            # Its data, then its directory entry (the minute directory is known durable).
+            assert fsyncs == [blob, os.path.dirname(blob)], fsyncs
+            assert all(path.startswith(blobs) for path in fsyncs)
+    finally:
+        await archive.close()
