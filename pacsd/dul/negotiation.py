@@ -5,6 +5,7 @@ control, limits and the user information items are ours.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
@@ -62,6 +63,8 @@ class AcceptorPolicy:
     # (C-GET's storage sub-operations): abstract syntax -> (scu_role, scp_role) offered
     roles: dict[str, tuple[bool, bool]] = field(default_factory=dict)
     _offered: list[PresentationContext] | None = field(default=None, init=False, repr=False, compare=False)
+    # Recent decisions by request (see negotiate): id -> (the request, its decision).
+    _decisions: OrderedDict = field(default_factory=OrderedDict, init=False, repr=False, compare=False)
 
     def offered(self) -> list[PresentationContext]:
         """The acceptor's side of context negotiation, built once: pynetdicom checks every
@@ -103,8 +106,32 @@ def reject_busy(why: str) -> Decision:
     return _reject(pdu.RJ_TRANSIENT, pdu.RJ_SOURCE_PRESENTATION, pdu.RJ_PRESENTATION_LOCAL_LIMIT, why)
 
 
+RECENT_REQUESTS = 64
+
+
 def negotiate(rq: A_ASSOCIATE, policy: AcceptorPolicy) -> Decision:
-    """The acceptor's answer to an A-ASSOCIATE-RQ."""
+    """The acceptor's answer to an A-ASSOCIATE-RQ.
+
+    The answer depends only on the request and the policy, and a modality sends the same
+    request on every association. The protocol layer hands the same decoded request object
+    for the same bytes (dul/protocol.py), so the answer to a request seen recently is reused:
+    negotiating a storescu proposal of ~128 presentation contexts through pynetdicom costs
+    ~5 ms (every UID validated as it is copied), which an association per instance pays
+    each time. Nothing downstream changes a Decision or the request.
+    """
+    cached = policy._decisions.get(id(rq))
+    if cached is not None and cached[0] is rq:
+        policy._decisions.move_to_end(id(rq))
+        return cached[1]
+    decision = _negotiate(rq, policy)
+    # The request is kept with its answer, so its id cannot be reused meanwhile.
+    policy._decisions[id(rq)] = (rq, decision)
+    while len(policy._decisions) > RECENT_REQUESTS:
+        policy._decisions.popitem(last=False)
+    return decision
+
+
+def _negotiate(rq: A_ASSOCIATE, policy: AcceptorPolicy) -> Decision:
     called = (rq.called_ae_title or "").strip()
     calling = (rq.calling_ae_title or "").strip()
     if rq.application_context_name != APPLICATION_CONTEXT_NAME:

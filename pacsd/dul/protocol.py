@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections import OrderedDict
 from typing import Protocol as TypingProtocol
 
 import structlog
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 
 from pacsd.dul import pdu
+from pacsd.dul.negotiation import RECENT_REQUESTS
 from pacsd.dul.machine import (
     CloseTransport,
     ConnectTransport,
@@ -32,6 +35,12 @@ from pacsd.dul.machine import (
 log = structlog.get_logger("pacsd.dul")
 
 _TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+
+# A-ASSOCIATE-RQs decoded recently, by their bytes. A modality sends the same request on
+# every association, and pynetdicom's decode of one with ~128 presentation contexts costs
+# ~7 ms; the primitive is only read afterwards, so one object serves every copy (and lets
+# negotiate() reuse its answer).
+_DECODED_REQUESTS: OrderedDict[bytes, A_ASSOCIATE] = OrderedDict()
 
 
 class AssociationUser(TypingProtocol):
@@ -177,12 +186,20 @@ class UpperLayerProtocol(asyncio.Protocol):
     def _associate_rq(self, body: memoryview) -> None:
         pdu.check_associate_items(body, pdu.A_ASSOCIATE_RQ_TYPE)
         version = (body[0] << 8) | body[1]
-        rq = A_ASSOCIATE_RQ()
-        try:
-            rq.decode(b"\x01\x00" + len(body).to_bytes(4, "big") + bytes(body))
-            primitive = rq.to_primitive()
-        except Exception as exc:
-            raise pdu.PDUError(f"undecodable A-ASSOCIATE-RQ: {exc}") from exc
+        raw = bytes(body)
+        primitive = _DECODED_REQUESTS.get(raw)
+        if primitive is None:
+            rq = A_ASSOCIATE_RQ()
+            try:
+                rq.decode(b"\x01\x00" + len(body).to_bytes(4, "big") + raw)
+                primitive = rq.to_primitive()
+            except Exception as exc:
+                raise pdu.PDUError(f"undecodable A-ASSOCIATE-RQ: {exc}") from exc
+            _DECODED_REQUESTS[raw] = primitive
+            while len(_DECODED_REQUESTS) > RECENT_REQUESTS:
+                _DECODED_REQUESTS.popitem(last=False)
+        else:
+            _DECODED_REQUESTS.move_to_end(raw)
         # PS3.8 9.3.2: bit 0 of the protocol version is version 1, the only one defined.
         acceptable = bool(version & 0x0001)
         reject = pdu.encode_reject(pdu.RJ_PERMANENT, pdu.RJ_SOURCE_ACSE, pdu.RJ_ACSE_PROTOCOL_VERSION)

@@ -74,3 +74,21 @@ def test_association_limit_rejects_transiently(start_daemon):
     assert (kind, body) == (0x03, bytes([0, 2, 3, 2]))
     for s in open_socks + [sock]:
         s.close()
+
+
+def test_a_repeated_request_is_answered_as_the_first_time_and_per_caller(start_daemon):
+    """pacsd reuses the decoding and the answer of a request it has just seen (a modality
+    sends the same one on every association): the answer stays byte for byte the same, and
+    a caller it refuses is refused even after the same request from a known caller."""
+    daemon = start_daemon(
+        DICOM__REQUIRE_KNOWN_CALLERS="true",
+        PEERS='[{"ae_title": "CT1", "host": "127.0.0.1", "port": 104}]',
+    )
+    answers = []
+    for calling in ("CT1", "CT1", "STRANGER", "CT1"):
+        kind, body, sock = associate_raw(daemon.port, calling, "PACSD")
+        sock.close()
+        answers.append((kind, body))
+    assert answers[0][0] == 0x02
+    assert answers[1] == answers[0] and answers[3] == answers[0]
+    assert answers[2] == (0x03, bytes([0, 1, 1, 3]))

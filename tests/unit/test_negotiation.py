@@ -368,3 +368,66 @@ def test_requestor_roles_fall_back_to_scu_when_the_acceptor_ignores_them():
     assert _of_type(ac, SCP_SCU_RoleSelectionNegotiation) == []
     accepted, _ = accepted_as_requestor(proposed, ac)
     assert accepted == [AcceptedContext(1, CT_IMAGE, EXPLICIT, as_scu=True, as_scp=False)]
+
+
+# -- the same request again -----------------------------------------------------------------
+
+
+def test_a_request_seen_again_gets_the_same_answer_without_negotiating_again(monkeypatch):
+    from pacsd.dul import negotiation
+
+    policy = _policy()
+    rq, _ = _request()
+    first = negotiate(rq, policy)
+    assert first.accepted
+
+    def must_not_run(*args):
+        raise AssertionError("negotiated again")
+
+    monkeypatch.setattr(negotiation, "_negotiate", must_not_run)
+    assert negotiate(rq, policy) is first
+    monkeypatch.undo()
+    # Another request with the same content: its own answer, byte for byte the same.
+    again, _ = _request()
+    assert again is not rq
+    answer = negotiate(again, policy)
+    assert answer is not first and answer.answer == first.answer
+
+
+def test_the_answer_follows_the_request_not_only_its_contexts():
+    policy = _policy(require_known_callers=True, known_callers=frozenset({"CT1"}))
+    known, _ = _request(calling="CT1")
+    stranger, _ = _request(calling="STRANGER")
+    assert negotiate(known, policy).accepted
+    refused = negotiate(stranger, policy)
+    assert not refused.accepted and refused.reject.reason == pdu.RJ_USER_CALLING_AE
+    assert negotiate(known, policy).accepted  # each request keeps its own answer
+
+
+def test_only_recent_requests_are_kept():
+    from pacsd.dul.negotiation import RECENT_REQUESTS
+
+    policy = _policy()
+    first, _ = _request()
+    answer = negotiate(first, policy)
+    for n in range(RECENT_REQUESTS):
+        negotiate(_request(calling=f"SCU{n}")[0], policy)
+    assert len(policy._decisions) == RECENT_REQUESTS
+    assert negotiate(first, policy) is not answer  # forgotten, negotiated afresh
+
+
+async def test_the_same_request_bytes_are_decoded_once(monkeypatch):
+    """The protocol layer keeps recently decoded A-ASSOCIATE-RQs by their bytes, so a
+    repeated request reaches negotiate() as the same object (and its answer is reused)."""
+    from pacsd.dul import protocol
+
+    seen = []
+    ulp = protocol.UpperLayerProtocol(None, is_requestor=False, max_pdata_length=16384,
+                                      artim_timeout=5, network_timeout=5)
+    monkeypatch.setattr(ulp, "_peer_pdu", lambda event, payload: seen.append(payload.data))
+    raw, _ = build_request("SCU", "PACSD", [ProposedContext(CT_IMAGE, [EXPLICIT])], 16384)
+    other, _ = build_request("OTHER", "PACSD", [ProposedContext(CT_IMAGE, [EXPLICIT])], 16384)
+    for request in (raw, raw, other, raw):
+        ulp._associate_rq(memoryview(request[6:]))
+    assert seen[0] is seen[1] is seen[3]
+    assert seen[2] is not seen[0] and seen[2].calling_ae_title.strip() == "OTHER"
