@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/run.py [--only ROW,...] [--servers NAME,...] [--corpus DIR]
 
-Rows (keys for --only): small, ct512, small4, nagle, find, find10k, qido, qido10k, move,
+Rows (keys for --only): small, ct512, small4, nagle, assoc, find, find10k, qido, qido10k, move,
 wado, huge. Servers: pacsd, orthanc, storescp. Each server starts fresh for each row, on
 loopback with TCP_NODELAY=1; the clients are DCMTK storescu / movescu, for C-FIND pacsd's
 own SCU over one association, for QIDO-RS one keep-alive httpx client and for WADO-RS curl
@@ -157,6 +157,29 @@ def row_small4(ctx: Context) -> None:
 
 def row_nagle(ctx: Context) -> None:
     ingest(ctx, "nagle", [corpus_mod.write_small(ctx.corpus)[:200]], nodelay=False)
+
+
+def row_assoc(ctx: Context) -> None:
+    """One association per instance, as some modalities send: 100 storescu runs of one file
+    each, one after another, with storescu's default proposal (~128 presentation contexts).
+    Besides the rate, the server's CPU time per association."""
+    files = corpus_mod.write_small(ctx.corpus)[:100]
+    mb = megabytes(files)
+
+    def measure(cls: type[Server], result: Result) -> None:
+        with cls(ctx.work) as server:
+            cpu = server.cpu_seconds()
+            seconds = 0.0
+            for f in files:
+                took, failed = storescu(server, [[f]])
+                seconds += took
+                result.failures += failed
+            cpu = server.cpu_seconds() - cpu
+            result.peak_rss_mib = server.peak_rss_mib()
+        result.metrics = {"per_second": len(files) / seconds, "mb_per_second": mb / seconds,
+                          "seconds": seconds, "server_cpu_ms": cpu * 1000 / len(files)}
+
+    ctx.each("assoc", list(SERVERS), measure)
 
 
 def row_huge(ctx: Context) -> None:
@@ -409,6 +432,8 @@ ROWS: list[tuple[str, str, list[tuple[str, str]], Callable[[Context], None]]] = 
     ("ct512", "C-STORE 200 CT 512x512, 1 association", INGEST, row_ct512),
     ("small4", "C-STORE 2,000 CT 64x64, 4 associations", INGEST, row_small4),
     ("nagle", "C-STORE 200 CT 64x64, storescu default (Nagle on)", INGEST, row_nagle),
+    ("assoc", "C-STORE 100 CT 64x64, one association each", INGEST + [("server_cpu_ms", "server CPU ms")],
+     row_assoc),
     ("find", "C-FIND STUDY, 1,000 studies stored by C-STORE", FIND, row_find),
     ("find10k", "C-FIND STUDY, 10,000 studies / 1M instances (pacsd only)", FIND, row_find10k),
     ("qido", "QIDO-RS studies, 1,000 studies stored by C-STORE", QIDO, row_qido),

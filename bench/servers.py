@@ -64,6 +64,16 @@ def _process_tree(pid: int) -> list[int]:
     return pids
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of the process and its live children, from /proc."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for p in _process_tree(pid):
+        fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / ticks
+
+
 def peak_rss_mib(pid: int) -> float:
     """VmHWM (resident high-water mark) of the process, plus its live children's if it has any."""
     return sum(_status_kib(p, "VmHWM") for p in _process_tree(pid)) / 1024
@@ -112,6 +122,10 @@ class Server:
     def dicomweb(self) -> str:
         """Base URL of the server's DICOMweb resources (…/studies, …)."""
         raise NotImplementedError(f"{self.name} does not serve DICOMweb")
+
+    def cpu_seconds(self) -> float:
+        assert self.proc is not None
+        return cpu_seconds(self.proc.pid)
 
     def peak_rss_mib(self) -> float:
         return peak_rss_mib(self.proc.pid)
