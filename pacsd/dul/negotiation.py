@@ -5,6 +5,7 @@ control, limits and the user information items are ours.
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -106,7 +107,11 @@ def reject_busy(why: str) -> Decision:
     return _reject(pdu.RJ_TRANSIENT, pdu.RJ_SOURCE_PRESENTATION, pdu.RJ_PRESENTATION_LOCAL_LIMIT, why)
 
 
-RECENT_REQUESTS = 64
+# How many recent A-ASSOCIATE-RQs are remembered (decoded, and their answers), and up to what
+# size: storescu's proposal of ~128 contexts is ~10 KB, and its decoded form ~9 times that.
+# At most a few MiB, whatever peers send.
+RECENT_REQUESTS = 32
+CACHEABLE_REQUEST_BYTES = 32 * 1024
 
 
 def negotiate(rq: A_ASSOCIATE, policy: AcceptorPolicy) -> Decision:
@@ -120,12 +125,13 @@ def negotiate(rq: A_ASSOCIATE, policy: AcceptorPolicy) -> Decision:
     each time. Nothing downstream changes a Decision or the request.
     """
     cached = policy._decisions.get(id(rq))
-    if cached is not None and cached[0] is rq:
+    if cached is not None and cached[0]() is rq:
         policy._decisions.move_to_end(id(rq))
         return cached[1]
     decision = _negotiate(rq, policy)
-    # The request is kept with its answer, so its id cannot be reused meanwhile.
-    policy._decisions[id(rq)] = (rq, decision)
+    # A weak reference: the protocol layer decides which requests stay in memory, and an id
+    # whose request is gone answers nothing (the check above).
+    policy._decisions[id(rq)] = (weakref.ref(rq), decision)
     while len(policy._decisions) > RECENT_REQUESTS:
         policy._decisions.popitem(last=False)
     return decision

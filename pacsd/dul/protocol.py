@@ -17,7 +17,7 @@ from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 
 from pacsd.dul import pdu
-from pacsd.dul.negotiation import RECENT_REQUESTS
+from pacsd.dul.negotiation import CACHEABLE_REQUEST_BYTES, RECENT_REQUESTS
 from pacsd.dul.machine import (
     CloseTransport,
     ConnectTransport,
@@ -36,10 +36,10 @@ log = structlog.get_logger("pacsd.dul")
 
 _TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 
-# A-ASSOCIATE-RQs decoded recently, by their bytes. A modality sends the same request on
-# every association, and pynetdicom's decode of one with ~128 presentation contexts costs
-# ~7 ms; the primitive is only read afterwards, so one object serves every copy (and lets
-# negotiate() reuse its answer).
+# A-ASSOCIATE-RQs decoded recently, by their bytes (those up to CACHEABLE_REQUEST_BYTES). A
+# modality sends the same request on every association, and pynetdicom's decode of one with
+# ~128 presentation contexts costs ~7 ms; the primitive is only read afterwards, so one
+# object serves every copy (and lets negotiate() reuse its answer).
 _DECODED_REQUESTS: OrderedDict[bytes, A_ASSOCIATE] = OrderedDict()
 
 
@@ -195,9 +195,10 @@ class UpperLayerProtocol(asyncio.Protocol):
                 primitive = rq.to_primitive()
             except Exception as exc:
                 raise pdu.PDUError(f"undecodable A-ASSOCIATE-RQ: {exc}") from exc
-            _DECODED_REQUESTS[raw] = primitive
-            while len(_DECODED_REQUESTS) > RECENT_REQUESTS:
-                _DECODED_REQUESTS.popitem(last=False)
+            if len(raw) <= CACHEABLE_REQUEST_BYTES:
+                _DECODED_REQUESTS[raw] = primitive
+                while len(_DECODED_REQUESTS) > RECENT_REQUESTS:
+                    _DECODED_REQUESTS.popitem(last=False)
         else:
             _DECODED_REQUESTS.move_to_end(raw)
         # PS3.8 9.3.2: bit 0 of the protocol version is version 1, the only one defined.

@@ -410,8 +410,9 @@ def test_only_recent_requests_are_kept():
     policy = _policy()
     first, _ = _request()
     answer = negotiate(first, policy)
-    for n in range(RECENT_REQUESTS):
-        negotiate(_request(calling=f"SCU{n}")[0], policy)
+    others = [_request(calling=f"SCU{n}")[0] for n in range(RECENT_REQUESTS)]  # kept alive
+    for rq in others:
+        negotiate(rq, policy)
     assert len(policy._decisions) == RECENT_REQUESTS
     assert negotiate(first, policy) is not answer  # forgotten, negotiated afresh
 
@@ -431,3 +432,22 @@ async def test_the_same_request_bytes_are_decoded_once(monkeypatch):
         ulp._associate_rq(memoryview(request[6:]))
     assert seen[0] is seen[1] is seen[3]
     assert seen[2] is not seen[0] and seen[2].calling_ae_title.strip() == "OTHER"
+
+
+async def test_large_requests_are_not_kept(monkeypatch):
+    """Only requests up to CACHEABLE_REQUEST_BYTES are remembered: a peer cannot make pacsd
+    hold its megabyte-sized requests."""
+    from pacsd.dul import protocol
+    from pacsd.dul.negotiation import CACHEABLE_REQUEST_BYTES
+
+    seen = []
+    ulp = protocol.UpperLayerProtocol(None, is_requestor=False, max_pdata_length=16384,
+                                      artim_timeout=5, network_timeout=5)
+    monkeypatch.setattr(ulp, "_peer_pdu", lambda event, payload: seen.append(payload.data))
+    syntaxes = [f"1.2.840.10008.1.2.4.{n}" for n in range(50, 80)]
+    proposed = [ProposedContext(f"1.2.840.10008.5.1.4.1.1.{n}", syntaxes) for n in range(1, 101)]
+    raw, _ = build_request("SCU", "PACSD", proposed, 16384)
+    assert len(raw) > CACHEABLE_REQUEST_BYTES
+    for _ in range(2):
+        ulp._associate_rq(memoryview(raw[6:]))
+    assert seen[0] is not seen[1]
