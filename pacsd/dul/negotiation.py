@@ -64,7 +64,7 @@ class AcceptorPolicy:
     # (C-GET's storage sub-operations): abstract syntax -> (scu_role, scp_role) offered
     roles: dict[str, tuple[bool, bool]] = field(default_factory=dict)
     _offered: list[PresentationContext] | None = field(default=None, init=False, repr=False, compare=False)
-    # Recent decisions by request (see negotiate): id -> (the request, its decision).
+    # Recent decisions by request (see negotiate): id -> (weak reference to it, decision).
     _decisions: OrderedDict = field(default_factory=OrderedDict, init=False, repr=False, compare=False)
 
     def offered(self) -> list[PresentationContext]:
