@@ -26,32 +26,34 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pydicom
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from pacsd.index.db import create_engine, ensure_schema  # noqa: E402
 from pacsd.index.levels import rows  # noqa: E402
 from pacsd.index.writer import IndexRecord, IndexWriter  # noqa: E402
+from pacsd.ingest.dataset import read_header  # noqa: E402
+from pacsd.net.storescu import read_part10  # noqa: E402
 from pacsd.store.filetree import FileTreeBlobStore  # noqa: E402
 
 DEFAULT_CORPUS = Path("/tmp/pacsd-bench-corpus")
 
 
 def records(files: list[Path], store: FileTreeBlobStore, spool: Path) -> list[IndexRecord]:
+    """The records the ingest would hand the writer for these files (read with its readers)."""
     out = []
     for path in files:
+        part10 = read_part10(path)
+        ds, _pixels = read_header(path, part10.dataset_offset, part10.transfer_syntax)
         data = path.read_bytes()
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
         copy = spool / f"{path.stem}.spool"
         copy.write_bytes(data)
         key = store.new_key()
         size = store.put_from_spool(copy, key)
         out.append(IndexRecord(
             rows=rows(ds), blob_key=key, size=size, sha256=hashlib.sha256(data).hexdigest(),
-            dataset_offset=144 + int.from_bytes(data[140:144], "little"),
-            transfer_syntax_uid=ds.file_meta.TransferSyntaxUID, calling_ae="BENCH"))
+            dataset_offset=part10.dataset_offset, transfer_syntax_uid=part10.transfer_syntax,
+            calling_ae="BENCH"))
     return out
 
 

@@ -28,7 +28,7 @@ from pacsd.dimse.status import Status
 from pacsd.index.levels import rows
 from pacsd.index.writer import IndexRecord, IndexWriter
 from pacsd.ingest.dataset import DataSetError, read_header
-from pacsd.store.blobstore import BlobStore
+from pacsd.store.blobstore import BlobStore, sha256_of
 from pacsd.uid import uid_problem
 
 log = structlog.get_logger("pacsd.ingest")
@@ -69,16 +69,6 @@ class Rejected(Exception):
         super().__init__(comment)
         self.status = status
         self.comment = comment
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        buffer = bytearray(1 << 20)
-        view = memoryview(buffer)
-        while n := f.readinto(buffer):
-            digest.update(view[:n])
-    return digest.hexdigest()
 
 
 class Ingest:
@@ -155,7 +145,8 @@ class Ingest:
             digest = hashlib.sha256(buffer).hexdigest()
             stored_size = self.store.put_bytes(key, buffer)
         else:
-            digest = _sha256(incoming.path)
+            with open(incoming.path, "rb", buffering=0) as f:
+                digest = sha256_of(f)
             stored_size = self.store.put_from_spool(incoming.path, key)
         return IndexRecord(
             rows=level_rows,

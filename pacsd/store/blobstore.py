@@ -28,6 +28,16 @@ from typing import BinaryIO, Iterable, Iterator
 HASH_CHUNK = 1 << 20  # sha256() reads in 1 MiB pieces
 
 
+def sha256_of(f: BinaryIO) -> str:
+    """Hex SHA-256 of what `f` holds from where it stands, read in HASH_CHUNK pieces."""
+    digest = hashlib.sha256()
+    buffer = bytearray(HASH_CHUNK)
+    view = memoryview(buffer)
+    while n := f.readinto(buffer):
+        digest.update(view[:n])
+    return digest.hexdigest()
+
+
 class BlobStore(abc.ABC):
     """Where instance files live. Keys are server-generated strings (see new_key)."""
 
@@ -82,16 +92,8 @@ class BlobStore(abc.ABC):
 
     def sha256(self, key: str) -> str:
         """Hex SHA-256 of the blob, read in 1 MiB pieces so memory stays flat."""
-        digest = hashlib.sha256()
-        buffer = bytearray(HASH_CHUNK)
-        view = memoryview(buffer)
         with self.open(key) as f:
-            while True:
-                n = f.readinto(buffer)
-                if not n:
-                    break
-                digest.update(view[:n])
-        return digest.hexdigest()
+            return sha256_of(f)
 
 
 class RangeReader(io.RawIOBase):

@@ -60,16 +60,17 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    """Write all of `data` (os.write may write less than it is given)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def _copy_file(src_fd: int, dst_fd: int) -> None:
     """Copy everything readable from src_fd to dst_fd (both positioned at 0)."""
-    while True:
-        chunk = os.read(src_fd, _COPY_CHUNK)
-        if not chunk:
-            return
-        view = memoryview(chunk)
-        while view:
-            written = os.write(dst_fd, view)
-            view = view[written:]
+    while chunk := os.read(src_fd, _COPY_CHUNK):
+        _write_all(dst_fd, chunk)
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -171,9 +172,7 @@ class FileTreeBlobStore(BlobStore):
         # O_EXCL: a taken name fails here, as link() does for a spool file.
         fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            _write_all(fd, data)
         except BaseException:
             os.close(fd)
             os.unlink(final)
