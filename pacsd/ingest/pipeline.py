@@ -33,6 +33,11 @@ from pacsd.uid import uid_problem
 
 log = structlog.get_logger("pacsd.ingest")
 
+# Instances up to this size stay in memory as they arrive (C-STORE, STOW-RS) until the
+# pipeline writes them straight to their blob in a worker thread: no spool file to create,
+# link and remove, and the event loop never opens a file for a typical instance.
+IN_MEMORY_LIMIT = 1 << 20
+
 DUPLICATE_REJECTED = 0x0111  # PS3.7 C.4.? "Duplicate SOP Instance"
 
 

@@ -18,7 +18,7 @@ from pacsd.dimse.command import CommandField
 from pacsd.dimse.spool import Spool
 from pacsd.dimse.status import Status, describe
 from pacsd.ingest.dataset import build_file_meta
-from pacsd.ingest.pipeline import Incoming, Ingest
+from pacsd.ingest.pipeline import IN_MEMORY_LIMIT, Incoming, Ingest
 from pacsd.services.registry import ServiceRegistry
 from pacsd.store.filetree import disk_free
 from pacsd.uid import uid_problem
@@ -44,9 +44,6 @@ COMPRESSED_TRANSFER_SYNTAXES = [
 ]
 DEFLATED = "1.2.840.10008.1.2.1.99"
 
-# Data sets up to this size stay in memory until the pipeline writes them out in a worker
-# thread, so the event loop never opens a file for a typical instance.
-IN_MEMORY_LIMIT = 1 << 20
 
 
 def storage_sop_classes(extra: list[str] | None = None) -> list[str]:

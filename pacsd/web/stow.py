@@ -1,15 +1,19 @@
 """STOW-RS (PS3.18 10.5): POST {base}/studies[/{study}] with Part 10 instances, one per part
 of a multipart/related; type="application/dicom" body.
 
-    request.stream() ──► MultipartReader ──► one spool file per part: pacsd's own file meta,
-                         then the part's data set bytes as received   [written off the loop]
+    request.stream() ──► MultipartReader ──► each part: pacsd's own file meta, then the part's
+                         data set bytes as received, in memory while the part is small and the
+                         STOW memory budget allows, else in a spool file [written off the loop]
     body complete and within [http] stow_max_bytes
       ──► Ingest.ingest for each part (the pipeline of C-STORE and import: structure, UIDs,
           hash, fsync, rename, index commit)
       ──► Store Instances Response Module (PS3.18 Annex I) as application/dicom+json
 
 Nothing is ingested before the whole body has arrived: a request that turns out too large,
-malformed or cut off stores nothing, and its spool files are removed. The response is sent
+malformed or cut off stores nothing, and its spool files are removed. A part of up to 1 MiB
+stays in memory (as a C-STORE does) and goes straight to its blob, with no spool file to create,
+link and remove; all requests together hold at most STOW_MEMORY_BYTES that way, so memory
+stays flat whatever clients send, and the parts beyond it go to spool files. The response is sent
 only after every stored instance's blob is fsynced and its index row committed.
 
 Each part's file meta is read as the part streams in and replaced by one pacsd writes (as
@@ -38,7 +42,7 @@ from pacsd import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from pacsd.config import check_ae_title
 from pacsd.dimse.status import Status, describe
 from pacsd.ingest.dataset import build_file_meta
-from pacsd.ingest.pipeline import Incoming, Outcome
+from pacsd.ingest.pipeline import IN_MEMORY_LIMIT, Incoming, Outcome
 from pacsd.store.filetree import disk_free
 from pacsd.uid import uid_problem
 from pacsd.web.errors import WebError
@@ -58,6 +62,28 @@ _FLUSH_BYTES = 1 << 20  # body bytes gathered before one write to the spool file
 _MAX_FILE_META = 64 * 1024  # preamble + group 0002; real ones are a few hundred bytes
 _MAX_META_ELEMENTS = 256
 _CONCURRENT_INGESTS = 8  # in flight at once, so the index writer can commit them in groups
+# Parts held in memory by all STOW-RS requests at once, until their ingest is done.
+STOW_MEMORY_BYTES = 64 * 1024 * 1024
+
+
+class MemoryBudget:
+    """Bytes that parts may hold in memory (used on the event loop only: no lock)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, n: int) -> bool:
+        if self.used + n > self.limit:
+            return False
+        self.used += n
+        return True
+
+    def give(self, n: int) -> None:
+        self.used -= n
+
+
+_MEMORY = MemoryBudget(STOW_MEMORY_BYTES)
 _MAX_WARNINGS = 10  # Warning header fields naming failed parts
 # Parts in one request: each costs memory until the response is sent, whatever its size.
 MAX_PARTS = 20_000
@@ -162,20 +188,25 @@ def read_file_meta(head: bytes | bytearray, final: bool) -> FileMeta | None:
                     source_ae, pos)
 
 
-# --- one part on its way to a spool file ----------------------------------------------------
+# --- one part on its way to memory or a spool file ------------------------------------------
 
 
 @dataclass
 class ReceivedPart:
     number: int  # 1-based, in request order
     spool_dir: Path
+    # Where a small part may stay in memory; None: every part goes to a spool file.
+    budget: MemoryBudget | None = None
     meta: FileMeta | None = None
     path: Path | None = None
-    dataset_offset: int = 0  # in the spool file: the length of pacsd's file meta
+    # A finished part kept in memory: pacsd's file meta, then the data set as received.
+    buffer: bytearray | None = None
+    dataset_offset: int = 0  # in the spool file or buffer: the length of pacsd's file meta
     refused: PartRefused | None = None
     _head: bytearray = field(default_factory=bytearray)
     _pending: bytearray = field(default_factory=bytearray)
     _file: object = None
+    _held: int = 0  # bytes taken from the budget
 
     def check_headers(self, headers: dict[str, str]) -> None:
         value = headers.get("content-type")
@@ -197,8 +228,7 @@ class ReceivedPart:
                 await self._begin(meta, run)
                 return
             self._pending += data
-            if len(self._pending) >= _FLUSH_BYTES:
-                await self._flush(run)
+            await self._grew(len(data), run)
         except PartRefused as exc:
             await self._refuse(exc, run)
         except OSError as exc:
@@ -212,6 +242,9 @@ class ReceivedPart:
             if self.meta is None:
                 meta = read_file_meta(self._head, final=True)
                 await self._begin(meta, run)
+            if self._file is None:
+                self.buffer, self._pending = self._pending, bytearray()
+                return
             await self._flush(run)
             await run(self._file.close)
             self._file = None
@@ -228,12 +261,29 @@ class ReceivedPart:
             raise PartRefused(Status.CANNOT_UNDERSTAND, f"file meta: {exc}") from None
         self.meta = meta
         self.dataset_offset = len(header)
-        self.path = self.spool_dir / f"{uuid.uuid4().hex}.spool"
-        self._file = await run(_create, self.path)
         self._pending = bytearray(header) + self._head[meta.dataset_offset:]
         self._head = bytearray()
+        await self._grew(len(self._pending), run)
+
+    async def _grew(self, n: int, run) -> None:
+        """`n` more bytes are pending: keep them in memory while the part may stay there,
+        else (from then on) in the spool file."""
+        if self._file is None:
+            if (self.budget is not None and len(self._pending) <= IN_MEMORY_LIMIT
+                    and self.budget.take(n)):
+                self._held += n
+                return
+            self.release()
+            self.path = self.spool_dir / f"{uuid.uuid4().hex}.spool"
+            self._file = await run(_create, self.path)
         if len(self._pending) >= _FLUSH_BYTES:
             await self._flush(run)
+
+    def release(self) -> None:
+        """Give back what the part took from the memory budget (on the event loop)."""
+        if self._held:
+            self.budget.give(self._held)
+            self._held = 0
 
     async def _flush(self, run) -> None:
         if self._pending:
@@ -244,6 +294,8 @@ class ReceivedPart:
         self.refused = exc
         self._head = bytearray()
         self._pending = bytearray()
+        self.buffer = None
+        self.release()
         await run(self.discard)
 
     @property
@@ -251,7 +303,8 @@ class ReceivedPart:
         return self.path is not None or self._file is not None
 
     def discard(self) -> None:
-        """Close and remove the spool file (blocking; also used on the way out of a failure)."""
+        """Close and remove the spool file (blocking; also used on the way out of a failure).
+        The memory budget is given back separately, by `release` on the event loop."""
         if self._file is not None:
             try:
                 self._file.close()
@@ -318,7 +371,8 @@ def _check_length(request: Request, limit: int) -> None:
 
 async def _receive(request: Request, boundary: str, limit: int, spool_dir: Path, run,
                    parts: list[ReceivedPart]) -> int:
-    """Read the whole body into spool files, one per part (appended to `parts`); bytes read."""
+    """Read the whole body, each part into memory or a spool file (appended to `parts`);
+    bytes read."""
     try:
         reader = MultipartReader(boundary)
     except MultipartError as exc:
@@ -336,7 +390,7 @@ async def _receive(request: Request, boundary: str, limit: int, spool_dir: Path,
                     if len(parts) == MAX_PARTS:
                         raise WebError(413, f"request has more than {MAX_PARTS} parts: send the "
                                             f"instances in several requests")
-                    current = ReceivedPart(len(parts) + 1, spool_dir)
+                    current = ReceivedPart(len(parts) + 1, spool_dir, _MEMORY)
                     parts.append(current)
                     current.check_headers(event.headers)
                 elif isinstance(event, PartData):
@@ -354,16 +408,12 @@ async def _receive(request: Request, boundary: str, limit: int, spool_dir: Path,
 
 async def _ingest(request: Request, part: ReceivedPart, study: str | None) -> Outcome:
     archive = request.app.state.archive
-    storage = request.app.state.settings.storage
-    loop = asyncio.get_running_loop()
-    if storage.min_free_bytes and await loop.run_in_executor(
-            archive.executor, disk_free, storage.data_dir) < storage.min_free_bytes:
-        return Outcome(Status.OUT_OF_RESOURCES, "out of resources: free disk space below "
-                                                "storage.min_free_bytes")
     meta = part.meta
     path, part.path = part.path, None  # the pipeline owns the spool file from here
+    buffer, part.buffer = part.buffer, None
     return await archive.ingest.ingest(Incoming(
         path=path,
+        buffer=buffer,
         dataset_offset=part.dataset_offset,
         transfer_syntax=meta.transfer_syntax,
         calling_ae=meta.source_ae or STOW_SOURCE,
@@ -397,12 +447,21 @@ async def store_instances(request: Request) -> Response:
             log.info("stow.disconnected", client=_client(request), parts=len(parts), note="nothing stored")
             return Response(status_code=400)  # nobody is listening any more
         gate = asyncio.Semaphore(_CONCURRENT_INGESTS)
+        storage = settings.storage
+        # Once for the request, not per part: each check is a trip to a worker thread.
+        full = bool(storage.min_free_bytes) and await run(disk_free, storage.data_dir) < storage.min_free_bytes
 
         async def one(part: ReceivedPart) -> Outcome:
             if part.refused is not None:
                 return Outcome(part.refused.status, part.refused.comment)
+            if full:
+                return Outcome(Status.OUT_OF_RESOURCES, "out of resources: free disk space below "
+                                                        "storage.min_free_bytes")
             async with gate:
-                return await _ingest(request, part, study)
+                try:
+                    return await _ingest(request, part, study)
+                finally:
+                    part.release()
 
         outcomes = await asyncio.gather(*(one(part) for part in parts))
     except asyncio.CancelledError:
@@ -410,6 +469,9 @@ async def store_instances(request: Request) -> Response:
             part.discard()
         raise
     finally:
+        for part in parts:
+            part.buffer = None
+            part.release()
         if any(part.holds_file for part in parts):
             await asyncio.shield(run(_discard_all, parts))
 
