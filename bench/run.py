@@ -3,10 +3,10 @@
     .venv/bin/python bench/run.py [--only ROW,...] [--servers NAME,...] [--corpus DIR]
 
 Rows (keys for --only): small, ct512, small4, nagle, assoc, find, find10k, qido, qido10k, move,
-wado, huge. Servers: pacsd, orthanc, storescp. Each server starts fresh for each row, on
-loopback with TCP_NODELAY=1; the clients are DCMTK storescu / movescu, for C-FIND pacsd's
-own SCU over one association, for QIDO-RS one keep-alive httpx client and for WADO-RS curl
-(the same client for every server). The table gives each value and the ratio pacsd / peer;
+get, stow, wado, huge. Servers: pacsd, orthanc, storescp. Each server starts fresh for each
+row, on loopback with TCP_NODELAY=1; the clients are DCMTK storescu / movescu / getscu, for
+C-FIND pacsd's own SCU over one association, for QIDO-RS and STOW-RS one keep-alive httpx
+client and for WADO-RS curl (the same client for every server). The table gives each value and the ratio pacsd / peer;
 the run is also written to bench/results/bench-<time>.json, which bench/compare.py compares
 with another run.
 """
@@ -37,8 +37,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import corpus as corpus_mod  # noqa: E402
-from servers import (ORTHANC, STORESCP, STORESCU, MOVESCU, Orthanc, Pacsd, Server,  # noqa: E402
-                     StoreSCP, movescu, storescu)
+from servers import (GETSCU, ORTHANC, STORESCP, STORESCU, MOVESCU, Orthanc, Pacsd, Server,  # noqa: E402
+                     StoreSCP, getscu, movescu, storescu)
 
 SERVERS: dict[str, type[Server]] = {"pacsd": Pacsd, "orthanc": Orthanc, "storescp": StoreSCP}
 PEERS = ["orthanc", "storescp"]
@@ -283,6 +283,32 @@ def row_move(ctx: Context) -> None:
     ctx.each("move", ["pacsd", "orthanc"], measure)
 
 
+def row_get(ctx: Context) -> None:
+    """The 200 x 512x512 study that ct512 stored, retrieved by getscu with C-GET (the
+    instances come back on the requesting association)."""
+    files = corpus_mod.write_ct512(ctx.corpus)
+    study = corpus_mod.uid("ct512", "study", 0)
+    mb = megabytes(files)
+
+    def measure(cls: type[Server], result: Result) -> None:
+        received = ctx.work / "get-destination"
+        shutil.rmtree(received, ignore_errors=True)
+        try:
+            with holding(ctx, "ct512", cls, files) as server:
+                seconds, code = getscu(server, study, received)
+                result.peak_rss_mib = server.peak_rss_mib()
+            count = sum(1 for _ in received.iterdir())
+        finally:
+            shutil.rmtree(received, ignore_errors=True)
+        result.failures = len(files) - count
+        if code:
+            result.error = f"getscu exited {code}"
+        result.metrics = {"per_second": count / seconds, "mb_per_second": mb * count / len(files) / seconds,
+                          "seconds": seconds}
+
+    ctx.each("get", ["pacsd", "orthanc"], measure)
+
+
 # --- DICOMweb -------------------------------------------------------------------------------
 
 # What a viewer or a Python client asks for when it wants the stored bytes, whatever their
@@ -351,6 +377,47 @@ def timed_get(url: str) -> tuple[int, float, float]:
     if code != "200":
         raise RuntimeError(f"curl GET {url}: {code or out.stderr.strip()}")
     return int(size), float(first), float(total)
+
+
+# A STOW-RS request of this many instances: an uploader sends a series in a few requests.
+STOW_BATCH = 50
+STOW_BOUNDARY = "pacsd-bench-stow-boundary"
+
+
+def row_stow(ctx: Context) -> None:
+    """STOW-RS of the 2,000 CT 64x64, 50 instances per request, one request after another
+    over one keep-alive connection (httpx; the bodies are built before the clock starts)."""
+    import httpx
+
+    files = corpus_mod.write_small(ctx.corpus)
+    bodies = [stow_body(files[i:i + STOW_BATCH]) for i in range(0, len(files), STOW_BATCH)]
+    mb = megabytes(files)
+    headers = {"Content-Type": f'multipart/related; type="application/dicom"; boundary={STOW_BOUNDARY}',
+               "Accept": "application/dicom+json"}
+
+    def measure(cls: type[Server], result: Result) -> None:
+        with cls(ctx.work) as server, httpx.Client(timeout=300) as client:
+            url = f"{server.dicomweb}/studies"
+            started = time.perf_counter()
+            stored = 0
+            for body in bodies:
+                r = client.post(url, content=body, headers=headers)
+                if r.status_code not in (200, 202):
+                    raise RuntimeError(f"POST {url}: HTTP {r.status_code} {r.text[:200]}")
+                stored += len(r.json().get("00081199", {}).get("Value", []))
+            seconds = time.perf_counter() - started
+            result.peak_rss_mib = server.peak_rss_mib()
+        result.failures = len(files) - stored
+        result.metrics = {"per_second": len(files) / seconds, "mb_per_second": mb / seconds, "seconds": seconds}
+
+    ctx.each("stow", ["pacsd", "orthanc"], measure)
+
+
+def stow_body(files: list[Path]) -> bytes:
+    """A multipart/related body with each file as one application/dicom part."""
+    parts = [b"--%s\r\nContent-Type: application/dicom\r\n\r\n%s\r\n" % (STOW_BOUNDARY.encode(), f.read_bytes())
+             for f in files]
+    return b"".join(parts) + b"--%s--\r\n" % STOW_BOUNDARY.encode()
 
 
 def row_qido(ctx: Context) -> None:
@@ -439,6 +506,8 @@ ROWS: list[tuple[str, str, list[tuple[str, str]], Callable[[Context], None]]] = 
     ("qido", "QIDO-RS studies, 1,000 studies stored by C-STORE", QIDO, row_qido),
     ("qido10k", "QIDO-RS studies, 10,000 studies / 1M instances (pacsd only)", QIDO, row_qido10k),
     ("move", "C-MOVE 200 CT 512x512 to storescp", INGEST, row_move),
+    ("get", "C-GET 200 CT 512x512 by getscu", INGEST, row_get),
+    ("stow", "STOW-RS 2,000 CT 64x64, 50 per request", INGEST, row_stow),
     ("wado", "WADO-RS retrieve of the 200 CT 512x512 study", [("mb_per_second", "MB/s"),
                                                                ("first_byte_ms", "first byte ms"),
                                                                ("peak_rss_mib", "peak RSS MiB")], row_wado),
@@ -655,7 +724,7 @@ def main() -> None:
     unknown = set(only) - {key for key, *_ in ROWS} | set(servers) - set(SERVERS)
     if unknown:
         parser.error(f"unknown rows or servers: {', '.join(sorted(unknown))}")
-    tools = [STORESCU, MOVESCU] + [{"orthanc": ORTHANC, "storescp": STORESCP}.get(s, "") for s in servers]
+    tools = [STORESCU, MOVESCU, GETSCU] + [{"orthanc": ORTHANC, "storescp": STORESCP}.get(s, "") for s in servers]
     missing = [t for t in tools if t and not Path(t).exists()]
     if missing:
         sys.exit(f"missing {', '.join(missing)}: `make bench` installs them (Debian packages orthanc, "
@@ -663,7 +732,8 @@ def main() -> None:
 
     work = args.work or Path(tempfile.mkdtemp(prefix="pacsd-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    reused = {row for row, later in (("ct512", "wado"), ("find", "qido"), ("find10k", "qido10k")) if later in only}
+    reused = {row for row, later in (("ct512", "wado"), ("ct512", "get"), ("find", "qido"), ("find10k", "qido10k"))
+              if later in only}
     ctx = Context(args.corpus, work, servers, args.queries, args.studies, args.instances_per_study, args.repeat,
                   args.retrieves, reuse=reused)
     load = os.getloadavg()

@@ -20,6 +20,7 @@ from pathlib import Path
 STORESCU = "/usr/bin/storescu"
 STORESCP = "/usr/bin/storescp"
 MOVESCU = "/usr/bin/movescu"
+GETSCU = "/usr/bin/getscu"
 ORTHANC = "/usr/sbin/Orthanc"
 # The Debian package starts Orthanc with /etc/orthanc, whose orthanc.json loads every plugin
 # in this folder (with orthanc-dicomweb: DICOMweb, ServeFolders, ModalityWorklists).
@@ -256,4 +257,18 @@ def movescu(server: Server, destination: str, study_uid: str) -> tuple[float, in
     result = subprocess.run(args, env=dict(os.environ, TCP_NODELAY="1"), capture_output=True)
     seconds = time.perf_counter() - started
     (server.workdir / f"movescu-{server.name}.log").write_bytes(result.stdout + result.stderr)
+    return seconds, result.returncode
+
+
+def getscu(server: Server, study_uid: str, directory: Path) -> tuple[float, int]:
+    """Study-level C-GET of one study into `directory`, the data sets written as received
+    (+B); (seconds, exit code)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    args = [GETSCU, "-S", "+B", "-aet", CLIENT_AE, "-aec", server.ae, "-od", str(directory),
+            "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}",
+            "127.0.0.1", str(server.port)]
+    started = time.perf_counter()
+    result = subprocess.run(args, env=dict(os.environ, TCP_NODELAY="1"), capture_output=True)
+    seconds = time.perf_counter() - started
+    (server.workdir / f"getscu-{server.name}.log").write_bytes(result.stdout + result.stderr)
     return seconds, result.returncode
