@@ -6,6 +6,7 @@ a crash leaves at worst an orphan spool file that the startup sweep removes.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
 from pathlib import Path
@@ -23,6 +24,9 @@ class Spool:
         self.threshold = threshold
         self.prefix_length = len(prefix)
         self._memory: bytearray | None = bytearray(prefix)
+        # SHA-256 of the prefix and every fragment, taken as they arrive: while the sender is
+        # still sending, not as a pass over the whole file after the last byte.
+        self._digest = hashlib.sha256(prefix)
         self._file = None
         self.path: Path | None = None
         self.size = 0  # data set bytes, without the prefix
@@ -42,13 +46,14 @@ class Spool:
         self.size += len(fragment)
         if self.error is not None:
             return
+        self._digest.update(fragment)
         try:
             if self._memory is not None:
                 self._memory += fragment
                 if len(self._memory) > self.threshold:
                     self._spill()
             else:
-                self._file.write(fragment)
+                self._write_all(fragment)
         except OSError as exc:
             self._fail(exc)
 
@@ -63,7 +68,13 @@ class Spool:
         self.path = self.directory / f"{uuid.uuid4().hex}.spool"
         self._file = open(self.path, "wb", buffering=0)  # fragments are large: no copy into a buffer
         memory, self._memory = self._memory, None
-        self._file.write(memory)
+        self._write_all(memory)
+
+    def _write_all(self, data: bytes | bytearray | memoryview) -> None:
+        # An unbuffered file may take less than it is given; what was hashed must all land.
+        view = memoryview(data)
+        while view:
+            view = view[self._file.write(view):]
 
     def finish(self, to_file: bool = False) -> None:
         """No more fragments: flush what is buffered (fsync is the storage layer's job).
@@ -79,6 +90,11 @@ class Spool:
                 self._file.close()
         except OSError as exc:
             self._fail(exc)
+
+    @property
+    def sha256(self) -> str:
+        """Hex SHA-256 of everything written (prefix included)."""
+        return self._digest.hexdigest()
 
     @property
     def in_memory(self) -> bool:

@@ -55,6 +55,8 @@ class Incoming:
     buffer: bytearray | None = None
     # STOW-RS to /studies/{study}: the study every instance of the request must belong to.
     study_instance_uid: str | None = None
+    # Hex SHA-256 of those bytes, when the receiver took it as they arrived.
+    sha256: str | None = None
 
 
 @dataclass
@@ -147,11 +149,12 @@ class Ingest:
         key = self.store.new_key()
         if buffer is not None:
             # Straight to its place in the store: no spool file to write, link and remove.
-            digest = hashlib.sha256(buffer).hexdigest()
+            digest = incoming.sha256 or hashlib.sha256(buffer).hexdigest()
             stored_size = self.store.put_bytes(key, buffer)
         else:
-            with open(incoming.path, "rb", buffering=0) as f:
-                digest = sha256_of(f)
+            if (digest := incoming.sha256) is None:
+                with open(incoming.path, "rb", buffering=0) as f:
+                    digest = sha256_of(f)
             stored_size = self.store.put_from_spool(incoming.path, key)
         return IndexRecord(
             rows=level_rows,

@@ -112,6 +112,7 @@ class StorageSCP:
             calling_ae=assoc.calling_ae,
             sop_class_uid=command.get("AffectedSOPClassUID"),
             sop_instance_uid=sop_instance,
+            sha256=spool.sha256,
         ))
         self.received += 1
         extra = {"ErrorComment": outcome.comment[:64]} if outcome.comment else {}

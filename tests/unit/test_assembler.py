@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from pathlib import Path
 
@@ -345,6 +346,35 @@ def test_spool_prefix_stays_out_of_the_data_set(tmp_path):
     spool.finish()
     assert spool.path.read_bytes() == b"P" * 10 + b"abcdefghij"
     assert spool.read() == b"abcdefghij" and spool.size == 10
+
+
+class ShortWrites:
+    """A file that takes at most 7 bytes a write, as an unbuffered file may."""
+
+    def __init__(self, f) -> None:
+        self.f = f
+
+    def write(self, data) -> int:
+        return self.f.write(bytes(data)[:7])
+
+    def close(self) -> None:
+        self.f.close()
+
+
+@pytest.mark.parametrize("threshold", [1 << 20, 16], ids=["memory", "file"])
+def test_spool_sha256_is_that_of_what_it_holds(tmp_path, threshold):
+    # The pipeline stores this digest as the blob's checksum without reading the bytes again.
+    spool = Spool(tmp_path, prefix=b"META", threshold=threshold)
+    spool.write(b"0123456789abc")  # 4 + 13 > 16: to the file, if there is one
+    if threshold == 16:
+        assert not spool.in_memory
+        spool._file = ShortWrites(spool._file)
+    for fragment in (b"", b"abc", memoryview(b"defghij" * 1000), bytearray(b"k")):
+        spool.write(fragment)
+    spool.finish()
+    held = spool.take_buffer() if spool.in_memory else spool.path.read_bytes()
+    assert held == b"META0123456789abcabc" + b"defghij" * 1000 + b"k"
+    assert spool.sha256 == hashlib.sha256(held).hexdigest()
 
 
 def test_spool_threshold_is_inclusive(tmp_path):
