@@ -72,20 +72,25 @@ class _LRU(OrderedDict):
 
 
 class _Prepared:
-    """A write statement compiled once per dialect (and set of columns) and run through
-    exec_driver_sql with positional parameters. Connection.execute costs several times what
-    SQLite takes to run one of these small statements (cache key, parameter processing,
-    result set-up), and the common path runs five per group, a group per instance when
-    instances arrive one at a time over an association."""
+    """A statement compiled once per dialect (and set of columns) and run on the driver's
+    cursor with positional parameters. Connection.execute costs several times what SQLite
+    takes to run one of these small statements (cache key, parameter processing, result
+    set-up), and the common path runs five per group, a group per instance when instances
+    arrive one at a time over an association; a new study adds six more (look up and insert
+    its patient, study and series).
 
-    def __init__(self, stmt) -> None:
+    `per_dialect` builds the statement for a dialect, for those that differ between them."""
+
+    def __init__(self, stmt=None, *, per_dialect: Callable[[sa.Dialect], Any] | None = None) -> None:
         self.stmt = stmt
+        self._per_dialect = per_dialect
         self._compiled: dict[tuple, tuple[str, tuple[str, ...], list]] = {}
 
     def _for(self, dialect, keys: tuple[str, ...]) -> tuple[str, tuple[str, ...], list]:
         entry = self._compiled.get((dialect.name, keys))
         if entry is None:
-            compiled = self.stmt.compile(dialect=dialect, column_keys=list(keys))
+            stmt = self.stmt if self._per_dialect is None else self._per_dialect(dialect)
+            compiled = stmt.compile(dialect=dialect, column_keys=list(keys))
             names = tuple(compiled.positiontup)
             # The bind processors Connection.execute would apply (SQLite stores datetimes as text).
             processors = [compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect)
@@ -94,15 +99,27 @@ class _Prepared:
             self._compiled[(dialect.name, keys)] = entry
         return entry
 
-    def __call__(self, conn: sa.Connection, rows: list[dict[str, Any]]) -> None:
+    def __call__(self, conn: sa.Connection, rows: list[dict[str, Any]]) -> list[tuple]:
+        """Run once per row; with one row, what it returns (a SELECT's or RETURNING's rows)."""
         sql, names, processors = self._for(conn.dialect, tuple(sorted(rows[0])))
         params = [tuple(value if process is None else process(value)
                         for value, process in zip((row[name] for name in names), processors))
                   for row in rows]
         if len(params) > 1:
-            _driver_execute(conn, sql, params, many=True)
-        else:
-            _driver_execute(conn, sql, params[0])
+            return _driver_execute(conn, sql, params, many=True)
+        return _driver_execute(conn, sql, params[0])
+
+    def first(self, conn: sa.Connection, **params: Any) -> tuple | None:
+        """The first row the statement returns for these parameters, or None."""
+        found = self(conn, [params])
+        return found[0] if found else None
+
+    def one(self, conn: sa.Connection, **params: Any) -> tuple:
+        """The first row, which must exist."""
+        found = self.first(conn, **params)
+        if found is None:
+            raise sa.exc.NoResultFound("no row where one was required")
+        return found
 
 
 def _driver_execute(conn: sa.Connection, sql: str, params: tuple | list[tuple],
@@ -159,10 +176,16 @@ _COUNT_PATIENTS = _Prepared(patients.update().where(patients.c.pk == sa.bindpara
     num_instances=patients.c.num_instances + sa.bindparam("b_n"),
     num_series=patients.c.num_series + sa.bindparam("b_series"),
     num_studies=patients.c.num_studies + sa.bindparam("b_studies"), updated_at=sa.bindparam("b_now")))
-_STUDY_SETS = sa.select(studies.c.modalities_in_study, studies.c.sop_classes_in_study).where(
-    studies.c.pk == sa.bindparam("b_pk"))
-_SET_STUDY_SETS = studies.update().where(studies.c.pk == sa.bindparam("b_pk")).values(
-    modalities_in_study=sa.bindparam("b_modalities"), sop_classes_in_study=sa.bindparam("b_classes"))
+_STUDY_SETS = _Prepared(sa.select(studies.c.modalities_in_study, studies.c.sop_classes_in_study).where(
+    studies.c.pk == sa.bindparam("b_pk")))
+_SET_STUDY_SETS = _Prepared(studies.update().where(studies.c.pk == sa.bindparam("b_pk")).values(
+    modalities_in_study=sa.bindparam("b_modalities"), sop_classes_in_study=sa.bindparam("b_classes")))
+_PATIENT = _Prepared(sa.select(patients.c.pk).where(
+    patients.c.patient_id == sa.bindparam("b_id"), patients.c.issuer_of_patient_id == sa.bindparam("b_issuer")))
+_STUDY = _Prepared(sa.select(
+    studies.c.pk, studies.c.patient_pk, studies.c.modalities_in_study, studies.c.sop_classes_in_study,
+).where(studies.c.study_instance_uid == sa.bindparam("b_uid")))
+_SERIES = _Prepared(sa.select(series.c.pk).where(series.c.series_instance_uid == sa.bindparam("b_uid")))
 
 
 def _split(text: str) -> set[str]:
@@ -173,21 +196,30 @@ def _join(values: set[str]) -> str:
     return "\\".join(sorted(values))
 
 
-def _insert_new(conn: AsyncConnection, table: sa.Table, *unique: str):
-    """INSERT of a new patient/study/series that does nothing if the row exists after all.
+def _insert_new(table: sa.Table, *unique: str) -> _Prepared:
+    """INSERT of a new patient/study/series that does nothing if the row exists after all;
+    it returns the new row's pk.
 
     The writer looks a row up before inserting it, but another writer on the same database
     (a second pacsd process on PostgreSQL) may commit the same entity in between; on
     PostgreSQL this INSERT then waits for that transaction and inserts nothing, and the
     caller reads the other writer's row instead of failing its whole group on the unique key.
     """
-    if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    elif conn.dialect.name == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert
-    else:
-        return table.insert()
-    return insert(table).on_conflict_do_nothing(index_elements=[table.c[name] for name in unique])
+    def build(dialect: sa.Dialect):
+        if dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        elif dialect.name == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert
+        else:
+            return table.insert().returning(table.c.pk)
+        return (insert(table).on_conflict_do_nothing(index_elements=[table.c[name] for name in unique])
+                .returning(table.c.pk))
+    return _Prepared(per_dialect=build)
+
+
+_INSERT_PATIENT = _insert_new(patients, "patient_id", "issuer_of_patient_id")
+_INSERT_STUDY = _insert_new(studies, "study_instance_uid")
+_INSERT_SERIES = _insert_new(series, "series_instance_uid")
 
 
 class IndexWriter:
@@ -405,11 +437,11 @@ class IndexWriter:
                 # Merge with the row, not only the cache: another writer on the same
                 # database may have added a modality since this writer read the study.
                 # (The counter UPDATE above already holds the row's lock.)
-                current = conn.execute(_STUDY_SETS, {"b_pk": study.pk}).one()
-                study.modalities |= _split(current.modalities_in_study)
-                study.sop_classes |= _split(current.sop_classes_in_study)
-                conn.execute(_SET_STUDY_SETS, {"b_pk": study.pk, "b_modalities": _join(study.modalities),
-                                               "b_classes": _join(study.sop_classes)})
+                modalities, classes = _STUDY_SETS.one(conn, b_pk=study.pk)
+                study.modalities |= _split(modalities)
+                study.sop_classes |= _split(classes)
+                _SET_STUDY_SETS.first(conn, b_pk=study.pk, b_modalities=_join(study.modalities),
+                                      b_classes=_join(study.sop_classes))
         if patient_instances:
             _COUNT_PATIENTS(conn, [
                 {"b_pk": pk, "b_n": n, "b_series": patient_series.get(pk, 0),
@@ -443,17 +475,12 @@ class IndexWriter:
         pk = pending.get(key) or self._patients.get_(key)
         if pk is not None:
             return pk
-        lookup = sa.select(patients.c.pk).where(
-            patients.c.patient_id == key[0], patients.c.issuer_of_patient_id == key[1])
-        pk = (conn.execute(lookup)).scalar()
-        if pk is None:
-            pk = (conn.execute(
-                _insert_new(conn, patients, "patient_id", "issuer_of_patient_id")
-                .values(**row, attrs=rows.attrs("patient"), created_at=now, updated_at=now)
-                .returning(patients.c.pk)
-            )).scalar()
-            if pk is None:  # another writer committed this patient since the lookup
-                pk = (conn.execute(lookup)).scalar_one()
+        found = _PATIENT.first(conn, b_id=key[0], b_issuer=key[1])
+        if found is None:
+            found = _INSERT_PATIENT.first(conn, **row, attrs=rows.attrs("patient"), created_at=now, updated_at=now)
+            if found is None:  # another writer committed this patient since the lookup
+                found = _PATIENT.one(conn, b_id=key[0], b_issuer=key[1])
+        pk = found[0]
         pending[key] = pk
         return pk
 
@@ -463,22 +490,18 @@ class IndexWriter:
         study = pending.get(uid) or self._studies.get_(uid)
         if study is not None:
             return study, False
-        lookup = sa.select(
-            studies.c.pk, studies.c.patient_pk, studies.c.modalities_in_study,
-            studies.c.sop_classes_in_study).where(studies.c.study_instance_uid == uid)
-        found = (conn.execute(lookup)).first()
+        found = _STUDY.first(conn, b_uid=uid)
         if found is None:
-            pk = (conn.execute(_insert_new(conn, studies, "study_instance_uid").values(
-                **row, attrs=rows.attrs("study"), patient_pk=patient_pk, created_at=now, updated_at=now)
-                .returning(studies.c.pk))).scalar()
-            if pk is not None:
-                study = _Study(pk, patient_pk, set(), set())
+            inserted = _INSERT_STUDY.first(conn, **row, attrs=rows.attrs("study"), patient_pk=patient_pk,
+                                           created_at=now, updated_at=now)
+            if inserted is not None:
+                study = _Study(inserted[0], patient_pk, set(), set())
                 pending[uid] = study
                 return study, True
-            found = (conn.execute(lookup)).one()  # another writer committed it first
-        study = _Study(found.pk, found.patient_pk, _split(found.modalities_in_study),
-                       _split(found.sop_classes_in_study))
-        if found.patient_pk != patient_pk:
+            found = _STUDY.one(conn, b_uid=uid)  # another writer committed it first
+        pk, found_patient_pk, modalities, classes = found
+        study = _Study(pk, found_patient_pk, _split(modalities), _split(classes))
+        if found_patient_pk != patient_pk:
             log.warning("index.study_patient_conflict", study_instance_uid=uid,
                         note="instance names another patient than its study; kept the study's")
         pending[uid] = study
@@ -491,16 +514,15 @@ class IndexWriter:
         cached = pending.get(uid) or self._series.get_(uid)
         if cached is not None:
             return cached[0], False
-        lookup = sa.select(series.c.pk).where(series.c.series_instance_uid == uid)
-        pk = (conn.execute(lookup)).scalar()
+        found = _SERIES.first(conn, b_uid=uid)
         is_new = False
-        if pk is None:
-            pk = (conn.execute(_insert_new(conn, series, "series_instance_uid").values(
-                **row, attrs=rows.attrs("series"), study_pk=study_pk, created_at=now, updated_at=now)
-                .returning(series.c.pk))).scalar()
-            is_new = pk is not None
-            if pk is None:  # another writer committed this series since the lookup
-                pk = (conn.execute(lookup)).scalar_one()
+        if found is None:
+            found = _INSERT_SERIES.first(conn, **row, attrs=rows.attrs("series"), study_pk=study_pk,
+                                         created_at=now, updated_at=now)
+            is_new = found is not None
+            if found is None:  # another writer committed this series since the lookup
+                found = _SERIES.one(conn, b_uid=uid)
+        pk = found[0]
         pending[uid] = (pk, study_uid)
         return pk, is_new
 

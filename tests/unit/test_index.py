@@ -739,6 +739,32 @@ def count_statements(writer: IndexWriter, monkeypatch) -> list[str]:
     return seen
 
 
+async def test_a_new_study_runs_its_statements_on_the_driver(archive, monkeypatch):
+    """A modality that sends one instance per study (CR, DX, mammography) makes every group
+    create a patient, a study and a series. Each is looked up, inserted and its JSON
+    written, and the study's modality and SOP class sets set: thirteen statements, every one
+    straight on the driver's cursor, none through SQLAlchemy's Connection.execute (which
+    costs several times what SQLite takes to run them)."""
+    writer = archive.writer()
+    seen = count_statements(writer, monkeypatch)
+    through_sqlalchemy: list[str] = []
+    sa.event.listen(writer._sync_engine or writer.engine.sync_engine, "before_cursor_execute",
+                    lambda conn, cursor, statement, *rest: through_sqlalchemy.append(statement))
+    for n in range(3):
+        ds = make_dataset(patient=n, study=n, series_no=n, instance=n, modality="DX")
+        assert (await writer.submit(archive.record(ds))).stored
+    per_study = ["SELECT", "SELECT", "INSERT", "SELECT", "INSERT", "SELECT", "INSERT", "INSERT",
+                 "UPDATE", "UPDATE", "SELECT", "UPDATE", "UPDATE"]
+    assert seen == per_study * 3
+    assert [s for s in through_sqlalchemy if not s.lstrip().upper().startswith(("BEGIN", "COMMIT"))] == []
+    async with archive.engine.connect() as conn:
+        rows = (await conn.execute(sa.select(studies.c.modalities_in_study, studies.c.num_instances,
+                                             studies.c.attrs))).all()
+    assert [(r.modalities_in_study, r.num_instances) for r in rows] == [("DX", 1)] * 3
+    assert all('"0020000D"' in r.attrs for r in rows)
+    await writer.close()
+
+
 async def test_statements_per_group_do_not_grow_with_the_group(archive, monkeypatch):
     """Instances of a series the writer already knows cost five statements per group whether
     the group holds one instance (one association, one instance at a time) or 64: the
