@@ -501,7 +501,8 @@ ROWS: list[tuple[str, str, list[tuple[str, str]], Callable[[Context], None]]] = 
     ("nagle", "C-STORE 200 CT 64x64, storescu default (Nagle on)", INGEST, row_nagle),
     ("assoc", "C-STORE 100 CT 64x64, one association each", INGEST + [("server_cpu_ms", "server CPU ms")],
      row_assoc),
-    ("find", "C-FIND STUDY, 1,000 studies stored by C-STORE", FIND, row_find),
+    ("find", "C-FIND STUDY, 1,000 studies stored by C-STORE", FIND + [
+        ("store_per_second", "C-STORE inst/s, one study each")], row_find),
     ("find10k", "C-FIND STUDY, 10,000 studies / 1M instances (pacsd only)", FIND, row_find10k),
     ("qido", "QIDO-RS studies, 1,000 studies stored by C-STORE", QIDO, row_qido),
     ("qido10k", "QIDO-RS studies, 10,000 studies / 1M instances (pacsd only)", QIDO, row_qido10k),
