@@ -12,6 +12,7 @@ from pacsd import __version__
 from pacsd.config import Settings
 from pacsd.dimse.spool import sweep
 from pacsd.index.db import create_engine, ensure_schema
+from pacsd.index.reader import close_reader
 from pacsd.index.writer import IndexWriter
 from pacsd.ingest.pipeline import Ingest
 from pacsd.net.acceptor import DicomServer
@@ -49,6 +50,7 @@ class Archive:
 
     async def close(self) -> None:
         await self.writer.close()
+        await asyncio.get_running_loop().run_in_executor(None, close_reader, self.engine)
         await self.engine.dispose()
         self.executor.shutdown(wait=True)
 

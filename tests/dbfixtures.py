@@ -24,6 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
+from pacsd.index.reader import close_reader
 from pacsd.index.db import create_engine, upgrade
 from pacsd.index.schema import metadata
 
@@ -93,4 +94,5 @@ async def engine(index_url):
     try:
         yield eng
     finally:
+        await asyncio.get_running_loop().run_in_executor(None, close_reader, eng)
         await eng.dispose()

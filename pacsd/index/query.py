@@ -31,8 +31,9 @@ DT offsets are ignored. PN keys are matched case-insensitively when asked
 from __future__ import annotations
 
 import json
+from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Iterable
+from typing import Any, AsyncIterator, Callable, Iterable, Sequence
 
 import sqlalchemy as sa
 from pydicom import Dataset
@@ -41,6 +42,7 @@ from pydicom.dataelem import DataElement
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from pacsd.index.levels import level_of
+from pacsd.index.reader import reader_for
 from pacsd.index.matching import (QUERY_RETRIEVE_LEVEL, SPECIFIC_CHARACTER_SET, ItemChecks, Key, Number,
                                   QueryError, date_time_ranges, json_tag, keys_from_dataset, keyword_of, matcher,
                                   parse_range, universal)
@@ -344,28 +346,42 @@ async def find(engine: AsyncEngine, query: Query, batch: int = BATCH, *, ordered
         return
     paged = offset > 0 or limit is not None
     in_sql = paged and not query._checks
+    stmt = query.statement(engine.dialect.name)
+    if ordered or paged:
+        stmt = stmt.order_by(query.level.table.c.pk)
+    if in_sql:
+        stmt = stmt.offset(offset or None).limit(limit)
+        offset, limit = 0, None
+    async with aclosing(_batches(engine, stmt, batch)) as batches:
+        async for rows in batches:
+            for row in rows:
+                match = Match(row)
+                if not query.accepts(match):
+                    continue
+                if offset:
+                    offset -= 1
+                    continue
+                yield match
+                if limit is not None:
+                    limit -= 1
+                    if limit == 0:
+                        return
+
+
+async def _batches(engine: AsyncEngine, stmt, batch: int) -> AsyncIterator[Sequence[sa.Row]]:
+    """The statement's rows, `batch` at a time: SQLite's in pacsd's reader threads (one
+    hop per batch), PostgreSQL's through a server-side cursor of the async engine."""
+    reader = reader_for(engine)
+    if reader is not None:
+        async with aclosing(reader.batches(stmt, batch)) as rows:
+            async for part in rows:
+                yield part
+        return
     async with engine.connect() as conn:
-        stmt = query.statement(conn.dialect.name)
-        if ordered or paged:
-            stmt = stmt.order_by(query.level.table.c.pk)
-        if in_sql:
-            stmt = stmt.offset(offset or None).limit(limit)
-            offset, limit = 0, None
         result = await conn.stream(stmt.execution_options(yield_per=batch))
         try:
-            async for rows in result.partitions(batch):
-                for row in rows:
-                    match = Match(row)
-                    if not query.accepts(match):
-                        continue
-                    if offset:
-                        offset -= 1
-                        continue
-                    yield match
-                    if limit is not None:
-                        limit -= 1
-                        if limit == 0:
-                            return
+            async for part in result.partitions(batch):
+                yield part
         finally:
             await result.close()
 

@@ -23,6 +23,7 @@ from pydicom import Dataset
 
 from pacsd.dimse.status import Status
 from pacsd.index.levels import rows
+from pacsd.index.reader import reader_for
 from pacsd.index.query import Key, Query, QueryError, find, keys_from_dataset, parse_range, set_character_set
 from pacsd.index.writer import IndexRecord, IndexWriter
 from pacsd.services.qr_find import (PATIENT_ROOT_FIND, STUDY_ROOT_FIND, IdentifierError, decode_identifier,
@@ -622,6 +623,34 @@ async def test_streaming_10000_studies_in_bounded_memory(engine):
     assert streamed_peak * 4 < listed_peak, (streamed_peak, listed_peak)
 
 
+async def test_an_sqlite_search_is_one_trip_to_the_reader_threads_per_batch(index, monkeypatch):
+    """Each trip to a thread and back costs system calls and wake-ups, several times what
+    SQLite takes to run a small search: a search that fits in one batch takes one trip
+    (connection, statement, rows, release), a longer one a trip per batch."""
+    reader = reader_for(index)
+    if reader is None:
+        pytest.skip("PostgreSQL reads through the async engine")
+    trips = []
+    submit = reader.threads.submit
+
+    def counting(fn, *args):
+        trips.append(fn)
+        return submit(fn, *args)
+
+    monkeypatch.setattr(reader.threads, "submit", counting)
+    found = await run(index, "STUDY", key("StudyInstanceUID"))
+    assert 1 < len(found) < 256
+    assert len(trips) == 1
+    trips.clear()
+    images = await run(index, "IMAGE", key("SOPInstanceUID"))
+    assert len(images) % 2 == 0 and len(images) > 4
+    trips.clear()
+    query = Query("IMAGE", [key("SOPInstanceUID")])
+    assert len([m async for m in find(index, query, batch=2)]) == len(images)
+    # A full last batch cannot tell that nothing follows: one more trip finds the end.
+    assert len(trips) == len(images) // 2 + 1
+
+
 async def test_closing_the_iterator_early_releases_the_connection(index):
     from contextlib import aclosing
 
@@ -632,3 +661,10 @@ async def test_closing_the_iterator_early_releases_the_connection(index):
                 break
     async with index.connect() as conn:
         assert (await conn.execute(sa.text("SELECT 1"))).scalar() == 1
+    reader = reader_for(index)
+    if reader is not None:  # SQLite: the reader threads give each connection back
+        for _ in range(100):
+            if reader.engine.pool.checkedout() == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert reader.engine.pool.checkedout() == 0
