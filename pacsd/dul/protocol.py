@@ -97,6 +97,7 @@ class UpperLayerProtocol(asyncio.Protocol):
         self._sock: socket.socket | None = None
         self.closed = self._loop.create_future()
         self.bytes_received = 0
+        self._corked: list[bytes] | None = None  # P-DATA held back by cork()
 
     # --- transport callbacks ----------------------------------------------------------
 
@@ -251,8 +252,30 @@ class UpperLayerProtocol(asyncio.Protocol):
         self._event(Event.EVT8, Payload(data=rj_pdu))
 
     def send_pdata(self, data: bytes) -> None:
-        """P-DATA request: `data` is one or more encoded P-DATA-TF PDUs, written at once."""
+        """P-DATA request: `data` is one or more encoded P-DATA-TF PDUs, written at once
+        (or held until uncork)."""
+        if self._corked is not None:
+            self._corked.append(data)
+            return
         self._event(Event.EVT9, Payload(data=data))
+
+    def cork(self) -> None:
+        """Hold P-DATA back until `uncork`, so that many small messages (C-FIND pending
+        responses) go out in one write: each write is a system call and a TCP segment."""
+        if self._corked is None:
+            self._corked = []
+
+    def uncork(self) -> None:
+        """Send what `cork` held back, in one write, and stop holding."""
+        held, self._corked = self._corked, None
+        if held and self.machine.state in (State.STA6, State.STA8):
+            self._event(Event.EVT9, Payload(data=b"".join(held)))
+
+    def flush(self) -> None:
+        """Send what is held back and go on holding."""
+        if self._corked:
+            self.uncork()
+            self.cork()
 
     def release(self) -> None:
         self._event(Event.EVT11)

@@ -94,6 +94,10 @@ def unique_keys(sop_class: str, level: str) -> list[int]:
     return [UNIQUE_KEYS[name][0] for name in levels[: levels.index(level) + 1]]
 
 
+# Pending responses held back and written at once (a few tens of KiB at most).
+RESPONSES_PER_WRITE = 32
+
+
 class FindSCP:
     def __init__(self, engine, ae_title: str, pn_case_insensitive: bool = True) -> None:
         self.engine = engine
@@ -114,6 +118,19 @@ class FindSCP:
         except IdentifierError as exc:
             await self._fail(assoc, message, where, exc.status, exc.comment, exc.tag)
             return
+        # The responses go out a few writes at a time rather than one write each: a search
+        # that finds a handful of studies is one write, its final response included.
+        assoc.protocol.cork()
+        try:
+            await self._answer(assoc, message, query, requested_charset, where, started)
+        finally:
+            assoc.protocol.uncork()
+
+    async def _answer(self, assoc, message: Message, query: Query, requested_charset: list[str] | None,
+                      where: dict, started: float) -> None:
+        """The pending responses, one per match, then the final one."""
+        message_id = message.command["MessageID"]
+        ts = assoc.contexts[message.context_id].transfer_syntax
         pending = Status.PENDING_OPTIONAL_KEYS if query.unsupported else Status.PENDING
         matches = 0
         cancelled = False
@@ -126,6 +143,8 @@ class FindSCP:
                     ds = set_character_set(query.response(match), requested_charset)
                     await assoc.respond(message, pending, dataset=encode_identifier(ds, ts))
                     matches += 1
+                    if matches % RESPONSES_PER_WRITE == 0:
+                        assoc.protocol.flush()
         except AssociationError as exc:
             log.info("find.aborted", **where, matches=matches, error=str(exc))
             return
