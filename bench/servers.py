@@ -250,25 +250,23 @@ def storescu(server: Server, chunks: list[list[Path]], nodelay: bool = True) -> 
 
 def movescu(server: Server, destination: str, study_uid: str) -> tuple[float, int]:
     """Study-level C-MOVE of one study; (seconds, exit code)."""
-    args = [MOVESCU, "-S", "-aet", CLIENT_AE, "-aec", server.ae, "-aem", destination,
-            "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}",
-            "127.0.0.1", str(server.port)]
-    started = time.perf_counter()
-    result = subprocess.run(args, env=dict(os.environ, TCP_NODELAY="1"), capture_output=True)
-    seconds = time.perf_counter() - started
-    (server.workdir / f"movescu-{server.name}.log").write_bytes(result.stdout + result.stderr)
-    return seconds, result.returncode
+    return _retrieve(server, MOVESCU, study_uid, ["-aem", destination])
 
 
 def getscu(server: Server, study_uid: str, directory: Path) -> tuple[float, int]:
     """Study-level C-GET of one study into `directory`, the data sets written as received
     (+B); (seconds, exit code)."""
     directory.mkdir(parents=True, exist_ok=True)
-    args = [GETSCU, "-S", "+B", "-aet", CLIENT_AE, "-aec", server.ae, "-od", str(directory),
+    return _retrieve(server, GETSCU, study_uid, ["+B", "-od", str(directory)])
+
+
+def _retrieve(server: Server, tool: str, study_uid: str, options: list[str]) -> tuple[float, int]:
+    """A DCMTK retrieve tool's study-level request; (seconds, exit code), its output logged."""
+    args = [tool, "-S", *options, "-aet", CLIENT_AE, "-aec", server.ae,
             "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}",
             "127.0.0.1", str(server.port)]
     started = time.perf_counter()
     result = subprocess.run(args, env=dict(os.environ, TCP_NODELAY="1"), capture_output=True)
     seconds = time.perf_counter() - started
-    (server.workdir / f"getscu-{server.name}.log").write_bytes(result.stdout + result.stderr)
+    (server.workdir / f"{Path(tool).name}-{server.name}.log").write_bytes(result.stdout + result.stderr)
     return seconds, result.returncode
