@@ -80,7 +80,10 @@ class SQLiteReader:
             if pending is not None or opened:
                 # After the fetch still running (a cancelled search), never beside it: a
                 # connection is used by one thread at a time.
-                self.threads.submit(_close_after, pending, opened)
+                try:
+                    self.threads.submit(_close_after, pending, opened)
+                except RuntimeError:  # the threads were stopped (shutdown): close it here
+                    _close_after(pending, opened)
 
     def close(self) -> None:
         self.threads.shutdown(wait=True)
