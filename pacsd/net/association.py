@@ -329,9 +329,9 @@ class Association:
         raw = cmd.encode(command)
         size = self.pdv_size
         if isinstance(dataset, (bytes, bytearray, memoryview)) and 0 < len(dataset) <= _SEND_BATCH:
-            # Command and data set in one write: a C-FIND or C-GET pending response with its
-            # identifier goes out as one segment, not two, and each write costs a system call
-            # (on loopback the receiver's side of the TCP stack runs inside it too).
+            # Command and data set in one write: a C-FIND pending response with its identifier
+            # goes out as one segment, not two, and each write costs a system call (on
+            # loopback the receiver's side of the TCP stack runs inside it too).
             self.protocol.send_pdata(_framed(context_id, pdu.MCH_COMMAND, memoryview(raw), size, last=True)
                                      + _framed(context_id, 0, memoryview(dataset), size, last=True))
             await protocol.drain()

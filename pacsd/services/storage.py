@@ -45,7 +45,6 @@ COMPRESSED_TRANSFER_SYNTAXES = [
 DEFLATED = "1.2.840.10008.1.2.1.99"
 
 
-
 def storage_sop_classes(extra: list[str] | None = None) -> list[str]:
     classes = sorted(set(_STORAGE_CLASSES.values()))
     for uid in extra or []:
