@@ -640,6 +640,37 @@ def ratios(doc: dict) -> dict[tuple[str, str, str], float]:
     return out
 
 
+def pair_ratios(doc: dict) -> dict[tuple[str, str, str], list[float]]:
+    """pacsd / peer for each repetition, pairing pacsd's run i with the peer's run i: the two
+    ran minutes apart at most, so the pairs show how much of a ratio is the machine drifting
+    (its disk above all) rather than the servers."""
+    runs = {(r["row"], r["server"]): r["runs"] for r in doc["results"]}
+    out: dict[tuple[str, str, str], list[float]] = {}
+    for row in doc["rows"]:
+        for metric, label in row["metrics"]:
+            mine = runs.get((row["key"], "pacsd"), [])
+            for peer in PEERS:
+                pairs = []
+                for a, b in zip(mine, runs.get((row["key"], peer), [])):
+                    x, y = (run["peak_rss_mib"] if metric == "peak_rss_mib" else run["metrics"].get(metric)
+                            for run in (a, b))
+                    if not a["error"] and not b["error"] and x is not None and y:
+                        pairs.append(x / y)
+                if pairs:
+                    out[(row["key"], label, peer)] = pairs
+    return out
+
+
+def fmt_ratio(ratio: float | None, pairs: list[float]) -> str:
+    """The ratio of the medians, and the range of the per-repetition ratios when there are
+    several."""
+    if ratio is None:
+        return "—"
+    if len(pairs) < 2:
+        return f"{ratio:.2f}"
+    return f"{ratio:.2f} ({min(pairs):.2f}–{max(pairs):.2f})"
+
+
 def fmt(x: float | None, digits: int = 0) -> str:
     return "—" if x is None else f"{x:,.{digits}f}"
 
@@ -652,7 +683,7 @@ def markdown(header: list[str], lines: list[list[str]]) -> str:
 
 
 def table(doc: dict) -> str:
-    ratio = ratios(doc)
+    ratio, pairs = ratios(doc), pair_ratios(doc)
     header = ["workload", "metric", *(LABELS[s] for s in SERVERS), *(f"pacsd/{LABELS[p]}" for p in PEERS),
               *(f"peak RSS MiB {LABELS[s]}" for s in SERVERS)]
     lines = []
@@ -665,7 +696,8 @@ def table(doc: dict) -> str:
                 if metric == "per_second" and v is not None:
                     cell += f" ({fmt(value(doc, row['key'], server, 'mb_per_second'), 1)})"
                 cells.append(cell)
-            cells += [fmt(ratio.get((row["key"], label, p)), 2) for p in PEERS]
+            cells += [fmt_ratio(ratio.get((row["key"], label, p)), pairs.get((row["key"], label, p), []))
+                      for p in PEERS]
             cells += [fmt(value(doc, row["key"], s, "peak_rss_mib")) if n == 0 else "" for s in SERVERS]
             lines.append(cells)
     notes = [f"{r['row']} / {r['server']}: {r['failures']} failed instances over {len(r['runs'])} runs" for r in doc["results"] if r["failures"]]
