@@ -11,6 +11,8 @@ import os
 import uuid
 from pathlib import Path
 
+from pacsd.store.blobstore import write_all
+
 # Data sets below this stay in memory: C-FIND identifiers, N-ACTION lists, small SRs.
 # Above it the bytes stream to disk, so memory stays flat whatever the object size.
 MEMORY_THRESHOLD = 256 * 1024
@@ -25,7 +27,8 @@ class Spool:
         self.prefix_length = len(prefix)
         self._memory: bytearray | None = bytearray(prefix)
         # SHA-256 of the prefix and every fragment, taken as they arrive: while the sender is
-        # still sending, not as a pass over the whole file after the last byte.
+        # still sending, not as a pass over the whole file after the last byte. Every byte
+        # hashed must land in the file too, hence write_all.
         self._digest = hashlib.sha256(prefix)
         self._file = None
         self.path: Path | None = None
@@ -53,7 +56,7 @@ class Spool:
                 if len(self._memory) > self.threshold:
                     self._spill()
             else:
-                self._write_all(fragment)
+                write_all(self._file.write, fragment)
         except OSError as exc:
             self._fail(exc)
 
@@ -68,13 +71,7 @@ class Spool:
         self.path = self.directory / f"{uuid.uuid4().hex}.spool"
         self._file = open(self.path, "wb", buffering=0)  # fragments are large: no copy into a buffer
         memory, self._memory = self._memory, None
-        self._write_all(memory)
-
-    def _write_all(self, data: bytes | bytearray | memoryview) -> None:
-        # An unbuffered file may take less than it is given; what was hashed must all land.
-        view = memoryview(data)
-        while view:
-            view = view[self._file.write(view):]
+        write_all(self._file.write, memory)
 
     def finish(self, to_file: bool = False) -> None:
         """No more fragments: flush what is buffered (fsync is the storage layer's job).

@@ -47,6 +47,17 @@ def sync_engine_for(engine: AsyncEngine) -> sa.Engine | None:
     return sync
 
 
+def sqlite_read_engine(url: sa.URL, connections: int) -> sa.Engine:
+    """For an SQLite index: a synchronous engine for reads in pacsd's reader threads
+    (index/reader.py), up to `connections` at once beside the writer (WAL)."""
+    # check_same_thread off: a streaming search may fetch its batches on different threads
+    # of the pool, one after the other, never two at once.
+    engine = sa.create_engine(url.set(drivername="sqlite"), pool_size=connections, max_overflow=connections,
+                              connect_args={"check_same_thread": False})
+    event.listen(engine, "connect", lambda dbapi_connection, _record: _sqlite_pragmas(dbapi_connection))
+    return engine
+
+
 def create_engine(url: str) -> AsyncEngine:
     """An async engine with the SQLite settings durability needs."""
     if url.startswith("sqlite"):

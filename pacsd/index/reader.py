@@ -21,20 +21,17 @@ from concurrent.futures import wait as futures_wait
 from typing import AsyncIterator, Sequence
 
 import sqlalchemy as sa
-from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
+
+from pacsd.index.db import sqlite_read_engine
 
 # Searches at once; more wait for a thread (each holds its connection while it streams).
 READER_THREADS = 4
 
 
 class SQLiteReader:
-    def __init__(self, url: sa.URL, pragmas) -> None:
-        # check_same_thread off: a streaming search may fetch its batches on different
-        # threads of the pool, one after the other, never two at once.
-        self.engine = sa.create_engine(url.set(drivername="sqlite"), pool_size=READER_THREADS,
-                                       max_overflow=READER_THREADS, connect_args={"check_same_thread": False})
-        event.listen(self.engine, "connect", lambda dbapi_connection, _record: pragmas(dbapi_connection))
+    def __init__(self, url: sa.URL) -> None:
+        self.engine = sqlite_read_engine(url, READER_THREADS)
         self.threads = ThreadPoolExecutor(READER_THREADS, thread_name_prefix="pacsd-read")
 
     async def batches(self, stmt, batch: int) -> AsyncIterator[Sequence[sa.Row]]:
@@ -59,8 +56,7 @@ class SQLiteReader:
                 raise
 
         def more() -> Sequence[sa.Row]:
-            conn, result = opened
-            rows = result.fetchmany(batch)
+            rows = opened[1].fetchmany(batch)
             if len(rows) < batch:
                 _close(opened)
             return rows
@@ -118,9 +114,7 @@ def reader_for(engine: AsyncEngine) -> SQLiteReader | None:
     with _lock:
         reader = _readers.get(key)
         if reader is None:
-            from pacsd.index.db import _sqlite_pragmas
-
-            reader = _readers[key] = SQLiteReader(engine.url, _sqlite_pragmas)
+            reader = _readers[key] = SQLiteReader(engine.url)
             # An engine dropped without close_reader (a test's) takes its threads with it.
             weakref.finalize(key, reader.threads.shutdown, wait=False)
     return reader

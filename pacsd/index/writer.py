@@ -440,8 +440,8 @@ class IndexWriter:
                 modalities, classes = _STUDY_SETS.one(conn, b_pk=study.pk)
                 study.modalities |= _split(modalities)
                 study.sop_classes |= _split(classes)
-                _SET_STUDY_SETS.first(conn, b_pk=study.pk, b_modalities=_join(study.modalities),
-                                      b_classes=_join(study.sop_classes))
+                _SET_STUDY_SETS(conn, [{"b_pk": study.pk, "b_modalities": _join(study.modalities),
+                                        "b_classes": _join(study.sop_classes)}])
         if patient_instances:
             _COUNT_PATIENTS(conn, [
                 {"b_pk": pk, "b_n": n, "b_series": patient_series.get(pk, 0),

@@ -23,7 +23,7 @@ import hashlib
 import io
 import os
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator
+from typing import BinaryIO, Callable, Iterable, Iterator
 
 HASH_CHUNK = 1 << 20  # sha256() reads in 1 MiB pieces
 
@@ -36,6 +36,14 @@ def sha256_of(f: BinaryIO) -> str:
     while n := f.readinto(buffer):
         digest.update(view[:n])
     return digest.hexdigest()
+
+
+def write_all(write: Callable[[memoryview], int], data: bytes | bytearray | memoryview) -> None:
+    """Hand all of `data` to `write` (os.write, or an unbuffered file's write), which may take
+    less than it is given."""
+    view = memoryview(data)
+    while view:
+        view = view[write(view):]
 
 
 class BlobStore(abc.ABC):

@@ -39,7 +39,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator
 
-from pacsd.store.blobstore import BlobStore, RangeReader
+from pacsd.store.blobstore import BlobStore, RangeReader, write_all
 
 SUFFIX = ".dcm"
 
@@ -61,10 +61,7 @@ def _now() -> datetime:
 
 
 def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
-    """Write all of `data` (os.write may write less than it is given)."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+    write_all(lambda view: os.write(fd, view), data)
 
 
 def _copy_file(src_fd: int, dst_fd: int) -> None:
