@@ -15,6 +15,7 @@ from pacsd.index.db import create_engine, ensure_schema
 from pacsd.index.reader import close_reader
 from pacsd.index.writer import IndexWriter
 from pacsd.ingest.pipeline import Ingest
+from pacsd.ingest.processes import IngestProcesses
 from pacsd.net.acceptor import DicomServer
 from pacsd.services import qr_find, qr_retrieve, storage, verification
 from pacsd.services import ian
@@ -35,8 +36,12 @@ class Archive:
         self.store = FileTreeBlobStore(data_dir / "blobs")
         self.executor = ThreadPoolExecutor(settings.storage.workers, thread_name_prefix="pacsd-io")
         self.writer = IndexWriter(self.engine, self.store, self.executor, settings.storage.duplicates)
+        self.processes = None
+        if settings.storage.ingest_process_count:
+            self.processes = IngestProcesses(self.store, self.executor, settings.storage.ingest_process_count,
+                                             settings.logging.level, settings.logging.format)
         self.ingest = Ingest(self.store, self.writer, self.executor, settings.storage.duplicates,
-                             settings.storage.spool_dir)
+                             settings.storage.spool_dir, self.processes)
 
     async def open(self) -> None:
         self.settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
@@ -47,8 +52,12 @@ class Archive:
         if schema == "created":
             log.info("index.created", url=_safe_url(self.settings.database.url))
         self.writer.start()
+        if self.processes is not None:
+            await self.processes.start()
 
     async def close(self) -> None:
+        if self.processes is not None:
+            await self.processes.close()
         await self.writer.close()
         await asyncio.get_running_loop().run_in_executor(None, close_reader, self.engine)
         await self.engine.dispose()

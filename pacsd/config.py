@@ -5,6 +5,7 @@ config/pacsd.toml documents every key; keep it in step with the models here.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Literal
@@ -109,6 +110,11 @@ class HttpSettings(Section):
         return value
 
 
+def _default_ingest_processes() -> int:
+    """One core is the event loop's; the others, up to four, parse."""
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
 class StorageSettings(Section):
     data_dir: Path = Path("./var")
     duplicates: Literal["keep", "overwrite", "reject"] = "keep"
@@ -119,6 +125,23 @@ class StorageSettings(Section):
     extra_sop_classes: list[str] = Field(default_factory=list)
     # Threads for blocking work: parsing headers, hashing, fsync, rename.
     workers: int = Field(4, ge=1, le=64)
+    # Processes that parse received instances and write their blobs, so that ingest uses
+    # more than one core; 0 parses in the threads above. "auto": one per core but one, at
+    # most four.
+    ingest_processes: int | Literal["auto"] = "auto"
+
+    @field_validator("ingest_processes")
+    @classmethod
+    def _process_count(cls, value: int | str) -> int | str:
+        if value != "auto" and not 0 <= value <= 64:
+            raise ValueError("ingest_processes must be \"auto\" or a number from 0 to 64")
+        return value
+
+    @property
+    def ingest_process_count(self) -> int:
+        if self.ingest_processes == "auto":
+            return _default_ingest_processes()
+        return self.ingest_processes
 
     @field_validator("extra_sop_classes")
     @classmethod

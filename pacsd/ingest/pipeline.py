@@ -21,6 +21,7 @@ import os
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -30,6 +31,9 @@ from pacsd.index.writer import IndexRecord, IndexWriter
 from pacsd.ingest.dataset import DataSetError, read_header
 from pacsd.store.blobstore import BlobStore, sha256_of
 from pacsd.uid import uid_problem
+
+if TYPE_CHECKING:
+    from pacsd.ingest.processes import IngestProcesses
 
 log = structlog.get_logger("pacsd.ingest")
 
@@ -80,8 +84,10 @@ class Rejected(Exception):
 
 class Ingest:
     def __init__(self, store: BlobStore, writer: IndexWriter, executor: Executor, duplicates: str,
-                 spool_dir: Path) -> None:
+                 spool_dir: Path, processes: IngestProcesses | None = None) -> None:
         self.spool_dir = spool_dir
+        # Where `prepare` runs: ingest processes if there are any, else the executor's threads.
+        self.processes = processes
         self.store = store
         self.writer = writer
         self.executor = executor
@@ -90,7 +96,10 @@ class Ingest:
     async def ingest(self, incoming: Incoming) -> Outcome:
         loop = asyncio.get_running_loop()
         try:
-            record = await loop.run_in_executor(self.executor, self._prepare, incoming)
+            if self.processes is not None:
+                record = await self.processes.prepare(incoming)
+            else:
+                record = await loop.run_in_executor(self.executor, prepare, incoming, self.store)
         except Rejected as exc:
             _unlink(incoming.path)
             return Outcome(exc.status, exc.comment)
@@ -126,73 +135,76 @@ class Ingest:
         return Outcome(Status.SUCCESS, stored=True, duplicate=written.duplicate, blob_key=record.blob_key,
                        **where)
 
-    def _prepare(self, incoming: Incoming) -> IndexRecord:
-        """Everything before the index, in an executor thread."""
-        offset, ts, buffer = incoming.dataset_offset, incoming.transfer_syntax, incoming.buffer
-        # A small instance is still in memory: parse it there, and write the file only once
-        # it passed (a refused instance never touches the disk).
-        source = io.BytesIO(buffer) if buffer is not None else incoming.path
-        try:
-            # One walk: the header for the index, and the whole data set checked to its end.
-            ds, _pixel_offset = read_header(source, offset, ts, whole=True)
-        except DataSetError as exc:
-            raise Rejected(Status.CANNOT_UNDERSTAND, f"data set cannot be parsed: {exc}") from None
-        except OSError:
-            raise
-        except Exception as exc:  # pydicom raises many kinds on bad values
-            raise Rejected(Status.CANNOT_UNDERSTAND, f"data set cannot be parsed: {exc}") from None
-        self._validate(ds, incoming)
-        try:
-            level_rows = rows(ds)
-        except Exception as exc:
-            raise Rejected(Status.CANNOT_UNDERSTAND, f"attribute values cannot be decoded: {exc}") from None
-        key = self.store.new_key()
-        if buffer is not None:
-            # Straight to its place in the store: no spool file to write, link and remove.
-            digest = incoming.sha256 or hashlib.sha256(buffer).hexdigest()
-            stored_size = self.store.put_bytes(key, buffer)
-        else:
-            if (digest := incoming.sha256) is None:
-                with open(incoming.path, "rb", buffering=0) as f:
-                    digest = sha256_of(f)
-            stored_size = self.store.put_from_spool(incoming.path, key)
-        return IndexRecord(
-            rows=level_rows,
-            blob_key=key,
-            size=stored_size,
-            sha256=digest,
-            dataset_offset=offset,
-            transfer_syntax_uid=ts,
-            calling_ae=incoming.calling_ae,
-        )
 
-    @staticmethod
-    def _validate(ds, incoming: Incoming) -> None:
-        for name, value in (("Affected SOP Class UID", incoming.sop_class_uid),
-                            ("Affected SOP Instance UID", incoming.sop_instance_uid)):
-            if value is not None and (problem := uid_problem(name, value)):
-                raise Rejected(Status.CANNOT_UNDERSTAND, problem)
-        found = {}
-        for keyword, tag in _IDENTITY_UIDS:
-            value = _uid_as_received(ds, tag)
-            if problem := uid_problem(keyword, value):
-                status = Status.DATASET_DOES_NOT_MATCH_SOP_CLASS if value in (None, "") else Status.CANNOT_UNDERSTAND
-                raise Rejected(status, f"data set: {problem}")
-            found[keyword] = value
-        if incoming.sop_class_uid is not None and found["SOPClassUID"] != incoming.sop_class_uid:
-            raise Rejected(Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
-                           f"SOP Class UID {found['SOPClassUID']} in the data set differs from "
-                           f"the Affected SOP Class UID {incoming.sop_class_uid}")
-        if incoming.study_instance_uid is not None and found["StudyInstanceUID"] != incoming.study_instance_uid:
-            # No Storage status means "wrong study"; PS3.18 10.5.3 counts it a conflict, and
-            # 0110 (processing failure) is the Failure Reason of Table I.2-2 that fits.
-            raise Rejected(Status.PROCESSING_FAILURE,
-                           f"Study Instance UID {found['StudyInstanceUID']} differs from the study "
-                           f"{incoming.study_instance_uid} the request was sent to")
-        if incoming.sop_instance_uid is not None and found["SOPInstanceUID"] != incoming.sop_instance_uid:
-            raise Rejected(Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
-                           f"SOP Instance UID {found['SOPInstanceUID']} in the data set differs "
-                           f"from the Affected SOP Instance UID {incoming.sop_instance_uid}")
+def prepare(incoming: Incoming, store: BlobStore, key: str | None = None) -> IndexRecord:
+    """Everything before the index: in an executor thread, or in an ingest process
+    (ingest/processes.py), which is given the blob's key."""
+    offset, ts, buffer = incoming.dataset_offset, incoming.transfer_syntax, incoming.buffer
+    # A small instance is still in memory: parse it there, and write the file only once
+    # it passed (a refused instance never touches the disk).
+    source = io.BytesIO(buffer) if buffer is not None else incoming.path
+    try:
+        # One walk: the header for the index, and the whole data set checked to its end.
+        ds, _pixel_offset = read_header(source, offset, ts, whole=True)
+    except DataSetError as exc:
+        raise Rejected(Status.CANNOT_UNDERSTAND, f"data set cannot be parsed: {exc}") from None
+    except OSError:
+        raise
+    except Exception as exc:  # pydicom raises many kinds on bad values
+        raise Rejected(Status.CANNOT_UNDERSTAND, f"data set cannot be parsed: {exc}") from None
+    _validate(ds, incoming)
+    try:
+        level_rows = rows(ds)
+    except Exception as exc:
+        raise Rejected(Status.CANNOT_UNDERSTAND, f"attribute values cannot be decoded: {exc}") from None
+    if key is None:
+        key = store.new_key()
+    if buffer is not None:
+        # Straight to its place in the store: no spool file to write, link and remove.
+        digest = incoming.sha256 or hashlib.sha256(buffer).hexdigest()
+        stored_size = store.put_bytes(key, buffer)
+    else:
+        if (digest := incoming.sha256) is None:
+            with open(incoming.path, "rb", buffering=0) as f:
+                digest = sha256_of(f)
+        stored_size = store.put_from_spool(incoming.path, key)
+    return IndexRecord(
+        rows=level_rows,
+        blob_key=key,
+        size=stored_size,
+        sha256=digest,
+        dataset_offset=offset,
+        transfer_syntax_uid=ts,
+        calling_ae=incoming.calling_ae,
+    )
+
+
+def _validate(ds, incoming: Incoming) -> None:
+    for name, value in (("Affected SOP Class UID", incoming.sop_class_uid),
+                        ("Affected SOP Instance UID", incoming.sop_instance_uid)):
+        if value is not None and (problem := uid_problem(name, value)):
+            raise Rejected(Status.CANNOT_UNDERSTAND, problem)
+    found = {}
+    for keyword, tag in _IDENTITY_UIDS:
+        value = _uid_as_received(ds, tag)
+        if problem := uid_problem(keyword, value):
+            status = Status.DATASET_DOES_NOT_MATCH_SOP_CLASS if value in (None, "") else Status.CANNOT_UNDERSTAND
+            raise Rejected(status, f"data set: {problem}")
+        found[keyword] = value
+    if incoming.sop_class_uid is not None and found["SOPClassUID"] != incoming.sop_class_uid:
+        raise Rejected(Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                       f"SOP Class UID {found['SOPClassUID']} in the data set differs from "
+                       f"the Affected SOP Class UID {incoming.sop_class_uid}")
+    if incoming.study_instance_uid is not None and found["StudyInstanceUID"] != incoming.study_instance_uid:
+        # No Storage status means "wrong study"; PS3.18 10.5.3 counts it a conflict, and
+        # 0110 (processing failure) is the Failure Reason of Table I.2-2 that fits.
+        raise Rejected(Status.PROCESSING_FAILURE,
+                       f"Study Instance UID {found['StudyInstanceUID']} differs from the study "
+                       f"{incoming.study_instance_uid} the request was sent to")
+    if incoming.sop_instance_uid is not None and found["SOPInstanceUID"] != incoming.sop_instance_uid:
+        raise Rejected(Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                       f"SOP Instance UID {found['SOPInstanceUID']} in the data set differs "
+                       f"from the Affected SOP Instance UID {incoming.sop_instance_uid}")
 
 
 _IDENTITY_UIDS = (("SOPClassUID", 0x00080016), ("SOPInstanceUID", 0x00080018),

@@ -47,6 +47,7 @@ SUFFIX = ".dcm"
 KEY_PATTERN = re.compile(r"[0-9]{8}/[0-9]{4}/[0-9a-f]{32}", re.ASCII)
 _DAY_PATTERN = re.compile(r"[0-9]{8}", re.ASCII)
 _MINUTE_PATTERN = re.compile(r"[0-9]{4}", re.ASCII)
+_DIRECTORY_PATTERN = re.compile(r"[0-9]{8}(/[0-9]{4})?", re.ASCII)
 _FILE_PATTERN = re.compile(r"[0-9a-f]{32}\.dcm", re.ASCII)
 
 # errno values from link() that mean "this filesystem has no hard links": use rename instead.
@@ -111,6 +112,10 @@ class FileTreeBlobStore(BlobStore):
         # Blobs placed whose data is not yet fsynced (sync() does it).
         self._unsynced: set[str] = set()
         self._lock = threading.Lock()
+        # The minute directory make_dirs last made or found: the same minute needs no mkdir.
+        # Directories are never removed (see the module docstring), so this cannot go stale
+        # within the store's life.
+        self._last_minute: str | None = None
         if not os.path.isdir(self._root):
             self.root.mkdir(parents=True, exist_ok=True)
             fsync_dir(os.path.dirname(os.path.abspath(self._root)))
@@ -133,8 +138,16 @@ class FileTreeBlobStore(BlobStore):
         day = os.path.join(self._root, key[:8])
         return day, os.path.join(day, key[9:13])
 
-    def _make_dirs(self, key: str) -> None:
+    def has_dirs(self, key: str) -> bool:
+        """Whether this store made (or found) `key`'s directories last: most keys of a minute
+        need no mkdir at all."""
+        return self._dirs_of(key)[1] == self._last_minute
+
+    def make_dirs(self, key: str) -> None:
+        """Create `key`'s day and minute directories if missing (blocks: a thread's work)."""
         day, minute = self._dirs_of(key)
+        if minute == self._last_minute:
+            return
         # Under the lock, so that no other thread can link into a directory this thread has
         # just created before it is recorded as needing its parent fsynced.
         with self._lock:
@@ -144,13 +157,38 @@ class FileTreeBlobStore(BlobStore):
                 except FileExistsError:
                     continue
                 self._new_dirs.add(directory)
+            self._last_minute = minute
+
+    # -- blobs placed by another process (ingest/processes.py) ----------------------------
+
+    def hand_over(self) -> list[str]:
+        """Forget the blobs this store placed since the last call (another process's store
+        syncs them, see `take_over`); the directories it had to create, which that store
+        must then fsync with their parents."""
+        with self._lock:
+            created = sorted(self._new_dirs)
+            self._new_dirs.clear()
+            self._unsynced.clear()
+        return created
+
+    def take_over(self, key: str | None, created_dirs: Iterable[str] = ()) -> None:
+        """Record a blob another process placed under `key` (None: no blob): `sync` then
+        fsyncs it, and the directories that process created, with their parents."""
+        path = None if key is None else self._path(key)
+        with self._lock:
+            for directory in created_dirs:
+                if not _DIRECTORY_PATTERN.fullmatch(os.path.relpath(directory, self._root)):
+                    raise ValueError(f"{directory!r} is not a day or minute directory of this store")
+                self._new_dirs.add(directory)
+            if path is not None:
+                self._unsynced.add(path)
 
     # -- writing -------------------------------------------------------------------------
 
     def put_from_spool(self, spool_path: Path, key: str) -> int:
         final = self._path(key)
         size = os.stat(spool_path).st_size
-        self._make_dirs(key)
+        self.make_dirs(key)
         try:
             linked = self._place(spool_path, final)
         except OSError as e:
@@ -165,7 +203,7 @@ class FileTreeBlobStore(BlobStore):
 
     def put_bytes(self, key: str, data: bytes | bytearray | memoryview) -> int:
         final = self._path(key)
-        self._make_dirs(key)
+        self.make_dirs(key)
         # O_EXCL: a taken name fails here, as link() does for a spool file.
         fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:

@@ -60,8 +60,9 @@ def incoming(instance: int) -> Incoming:
                     sop_instance_uid=str(ds.SOPInstanceUID), buffer=bytearray(data))
 
 
-async def test_a_small_instance_costs_one_create_and_two_fsyncs(tmp_path: Path, calls):
-    archive = Archive(Settings(storage=StorageSettings(data_dir=tmp_path / "var")))
+@pytest.mark.parametrize("processes", [0, 1], ids=["threads", "ingest-process"])
+async def test_a_small_instance_costs_one_create_and_two_fsyncs(tmp_path: Path, calls, processes: int):
+    archive = Archive(Settings(storage=StorageSettings(data_dir=tmp_path / "var", ingest_processes=processes)))
     await archive.open()
     try:
         # The first instance creates the patient, study, series and the day/minute directories.
@@ -69,12 +70,18 @@ async def test_a_small_instance_costs_one_create_and_two_fsyncs(tmp_path: Path, 
         blobs = str(tmp_path / "var" / "blobs")
         for n in range(1, 6):
             calls.clear()
-            outcome = await archive.ingest.ingest(incoming(n))
+            sent = incoming(n)
+            data = bytes(sent.buffer)
+            outcome = await archive.ingest.ingest(sent)
             assert outcome.status == Status.SUCCESS and outcome.stored
             blob = str(archive.store.path(outcome.blob_key))
-            # Files: the blob itself, written in place. The database's own files are opened
-            # once per connection, not per instance.
-            assert [c for c in calls if c[0] != "fsync"] == [("create", blob)], calls
+            # Files: the blob itself, written in place, by an ingest process where there is
+            # one (the daemon then creates no file at all). The database's own files are
+            # opened once per connection, not per instance.
+            created = [("create", blob)] if processes == 0 else []
+            assert [c for c in calls if c[0] != "fsync"] == created, calls
+            with open(blob, "rb") as f:
+                assert f.read() == data
             fsyncs = [path for kind, path in calls if kind == "fsync"]
             # Its data, then its directory entry (the minute directory is known durable).
             assert fsyncs == [blob, os.path.dirname(blob)], fsyncs

@@ -1,0 +1,183 @@
+"""Ingest processes: the CPU-heavy part of ingest (parse, validate, index rows, write the
+blob) run outside the daemon's process, so that it does not share one interpreter lock with
+the event loop, the index writer and every association. With several associations storing
+at once the daemon then uses more than one core.
+
+    daemon (event loop)                         ingest process (ingest/worker.py)
+      key = store.new_key(), its directories
+      made here (in a thread, once a minute)
+      ── (job id, Incoming, key) ──────────────►  prepare(): header walk, UID checks, level
+                                                  rows, SHA-256, blob written under `key`
+      ◄── (job id, IndexRecord | error, dirs) ──
+      store.take_over(key): the index writer's
+      group fsyncs the blob before its commit
+
+The daemon makes a key's directories itself, so that the store that fsyncs (this process's)
+knows every directory that is new; a directory a process had to create all the same comes
+back with the reply. If a process dies, its jobs fail with an OSError (A700 for the sender,
+which never got a success), the blob it may have placed under the key is removed, and the
+next job starts a new process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import itertools
+import socket
+import subprocess
+import sys
+import threading
+from concurrent.futures import Executor
+
+import structlog
+
+from pacsd.index.writer import IndexRecord
+from pacsd.ingest.worker import FAILED, LENGTH, OK, OS_ERROR, REJECTED, frame
+from pacsd.store.filetree import FileTreeBlobStore
+
+log = structlog.get_logger("pacsd.ingest")
+
+
+class _Process(asyncio.Protocol):
+    """The daemon's end of one ingest process: its jobs in flight, by id."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+        self.transport: asyncio.Transport | None = None
+        self.pending: dict[int, asyncio.Future] = {}
+        self.alive = True
+        self._buffer = bytearray()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        import pickle
+
+        buffer = self._buffer
+        buffer += data
+        start = 0
+        while len(buffer) - start >= LENGTH.size:
+            (size,) = LENGTH.unpack_from(buffer, start)
+            end = start + LENGTH.size + size
+            if len(buffer) < end:
+                break
+            job_id, kind, payload, created = pickle.loads(memoryview(buffer)[start + LENGTH.size:end])
+            start = end
+            future = self.pending.pop(job_id, None)
+            if future is not None and not future.done():
+                future.set_result((kind, payload, created))
+        del buffer[:start]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.alive = False
+        # The process is exiting (or closed its end on its way out): reap it off the loop.
+        threading.Thread(target=_reap, args=(self.proc,), name="pacsd-reap", daemon=True).start()
+        for future in self.pending.values():
+            if not future.done():
+                future.set_exception(OSError(errno.EIO, "the ingest process exited"))
+        self.pending.clear()
+
+    def submit(self, job_id: int, message: bytes) -> asyncio.Future:
+        future = asyncio.get_running_loop().create_future()
+        self.pending[job_id] = future
+        self.transport.write(message)
+        return future
+
+
+class IngestProcesses:
+    def __init__(self, store: FileTreeBlobStore, executor: Executor, count: int,
+                 log_level: str = "info", log_format: str = "auto") -> None:
+        self.store = store
+        self.executor = executor
+        self.count = count
+        self._args = [str(store.root), log_level, log_format]
+        self._processes: list[_Process] = []
+        self._ids = itertools.count(1)
+        self._starting: asyncio.Lock | None = None
+        self._closed = False
+
+    async def start(self) -> None:
+        """Start the processes now: each takes a good part of a second to import what it
+        needs, which the first instances should not wait for."""
+        await self._least_busy()
+
+    async def prepare(self, incoming) -> IndexRecord:
+        """`pipeline.prepare` in an ingest process: the IndexRecord, or the same Rejected or
+        OSError it would raise."""
+        from pacsd.ingest.pipeline import Rejected
+
+        loop = asyncio.get_running_loop()
+        store = self.store
+        key = store.new_key()
+        if not store.has_dirs(key):
+            await loop.run_in_executor(self.executor, store.make_dirs, key)
+        process = await self._least_busy()
+        job_id = next(self._ids)
+        try:
+            kind, payload, created = await process.submit(job_id, frame((job_id, incoming, key)))
+        except OSError:
+            log.error("ingest.process_lost", pid=process.proc.pid, sop_instance_uid=incoming.sop_instance_uid)
+            # It may have placed the blob before it died; nothing will index it.
+            await loop.run_in_executor(self.executor, store.delete, key)
+            raise
+        if kind == OK:
+            store.take_over(key, created)
+            return payload
+        store.take_over(None, created)
+        if kind == REJECTED:
+            raise Rejected(*payload)
+        if kind == OS_ERROR:
+            raise OSError(*payload)
+        assert kind == FAILED
+        raise RuntimeError(payload)
+
+    async def _least_busy(self) -> _Process:
+        if self._closed:
+            raise OSError(errno.ESHUTDOWN, "the archive is closing")
+        self._processes = [p for p in self._processes if p.alive]
+        if len(self._processes) < self.count:
+            if self._starting is None:
+                self._starting = asyncio.Lock()
+            async with self._starting:
+                while len(self._processes) < self.count:
+                    self._processes.append(await self._start())
+        return min(self._processes, key=lambda p: len(p.pending))
+
+    async def _start(self) -> _Process:
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            args = [sys.executable, "-m", "pacsd.ingest.worker", str(theirs.fileno()), *self._args]
+            proc = await loop.run_in_executor(self.executor, lambda: subprocess.Popen(
+                args, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL))
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        _, process = await loop.create_unix_connection(lambda: _Process(proc), sock=ours)
+        log.info("ingest.process_started", pid=proc.pid)
+        return process
+
+    async def close(self, timeout: float = 30) -> None:
+        """Close every process's socket (it exits at the end of its job) and wait for it."""
+        self._closed = True
+        processes, self._processes = self._processes, []
+        for process in processes:
+            if process.transport is not None:
+                process.transport.close()
+        loop = asyncio.get_running_loop()
+        for process in processes:
+            try:
+                await asyncio.wait_for(loop.run_in_executor(None, process.proc.wait), timeout)
+            except asyncio.TimeoutError:
+                log.warning("ingest.process_killed", pid=process.proc.pid)
+                process.proc.kill()
+
+
+def _reap(proc: subprocess.Popen) -> None:
+    code = proc.wait()
+    if code != 0:
+        log.error("ingest.process_exited", pid=proc.pid, returncode=code)
