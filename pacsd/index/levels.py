@@ -7,6 +7,7 @@ then answer any key by merging the JSON of the levels above it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -202,4 +203,19 @@ def rows(ds: Dataset) -> LevelRows:
         "attrs": _serialise(parts["instance"]),
     }
     return LevelRows(patient, study, series, instance, parts)
+
+
+@dataclass
+class IndexRecord:
+    """One instance for the index writer: its rows, and where its blob is. Here, not in
+    index/writer.py, so that an ingest process builds one without importing SQLAlchemy."""
+
+    rows: LevelRows
+    blob_key: str
+    size: int
+    sha256: str
+    dataset_offset: int
+    transfer_syntax_uid: str
+    calling_ae: str
+    future: asyncio.Future = field(default=None, repr=False)  # type: ignore[assignment]
 

@@ -11,7 +11,7 @@ import asyncio
 from collections import OrderedDict, namedtuple
 from concurrent.futures import Executor, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable
 
@@ -20,7 +20,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from pacsd.index.db import sync_engine_for
-from pacsd.index.levels import LevelRows
+from pacsd.index.levels import IndexRecord, LevelRows  # noqa: F401  (IndexRecord: also importable from here)
 from pacsd.index.schema import instances, patients, series, studies
 from pacsd.store.blobstore import BlobStore
 
@@ -28,18 +28,6 @@ log = structlog.get_logger("pacsd.index")
 
 MAX_GROUP = 64
 _CACHE_SIZE = 20_000
-
-
-@dataclass
-class IndexRecord:
-    rows: LevelRows
-    blob_key: str
-    size: int
-    sha256: str
-    dataset_offset: int
-    transfer_syntax_uid: str
-    calling_ae: str
-    future: asyncio.Future = field(default=None, repr=False)  # type: ignore[assignment]
 
 
 @dataclass

@@ -26,13 +26,13 @@ from typing import TYPE_CHECKING
 import structlog
 
 from pacsd.dimse.status import Status
-from pacsd.index.levels import rows
-from pacsd.index.writer import IndexRecord, IndexWriter
+from pacsd.index.levels import IndexRecord, rows
 from pacsd.ingest.dataset import DataSetError, read_header
 from pacsd.store.blobstore import BlobStore, sha256_of
 from pacsd.uid import uid_problem
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # an ingest process imports this module: no SQLAlchemy there
+    from pacsd.index.writer import IndexWriter
     from pacsd.ingest.processes import IngestProcesses
 
 log = structlog.get_logger("pacsd.ingest")
@@ -96,7 +96,7 @@ class Ingest:
     async def ingest(self, incoming: Incoming) -> Outcome:
         loop = asyncio.get_running_loop()
         try:
-            if self.processes is not None:
+            if self.processes is not None and self.processes.takes(incoming):
                 record = await self.processes.prepare(incoming)
             else:
                 record = await loop.run_in_executor(self.executor, prepare, incoming, self.store)

@@ -18,6 +18,7 @@ from pacsd.app import Archive
 from pacsd.config import Settings, StorageSettings
 from pacsd.dimse.status import Status
 from pacsd.ingest.pipeline import Incoming
+from pacsd.ingest.processes import TRANSFER_LIMIT
 from tests.unit.test_index import make_dataset, part10
 
 
@@ -52,8 +53,10 @@ def calls(monkeypatch):
     return seen
 
 
-def incoming(instance: int) -> Incoming:
+def incoming(instance: int, pixel_bytes: int = 0) -> Incoming:
     ds = make_dataset(instance=instance)
+    if pixel_bytes:
+        ds.add_new(0x7FE00010, "OB", bytes(pixel_bytes))
     data, offset = part10(ds)
     return Incoming(path=None, dataset_offset=offset, transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
                     calling_ae="MODALITY", sop_class_uid=str(ds.SOPClassUID),
@@ -88,3 +91,21 @@ async def test_a_small_instance_costs_one_create_and_two_fsyncs(tmp_path: Path, 
             assert all(path.startswith(blobs) for path in fsyncs)
     finally:
         await archive.close()
+
+
+async def test_an_instance_too_large_to_carry_to_a_process_is_written_by_the_daemon(tmp_path: Path, calls):
+    """Above TRANSFER_LIMIT, an instance held in memory is not copied through a socket to
+    an ingest process: a thread of the daemon parses it and creates its blob."""
+    archive = Archive(Settings(storage=StorageSettings(data_dir=tmp_path / "var", ingest_processes=1)))
+    await archive.open()
+    try:
+        assert (await archive.ingest.ingest(incoming(0))).status == Status.SUCCESS
+        for n, size, here in [(1, 1000, False), (2, TRANSFER_LIMIT, True), (3, 1000, False)]:
+            calls.clear()
+            outcome = await archive.ingest.ingest(incoming(n, pixel_bytes=size))
+            assert outcome.status == Status.SUCCESS and outcome.stored
+            blob = str(archive.store.path(outcome.blob_key))
+            assert (("create", blob) in calls) == here, (n, calls)
+    finally:
+        await archive.close()
+
