@@ -52,8 +52,6 @@ class Archive:
         if schema == "created":
             log.info("index.created", url=_safe_url(self.settings.database.url))
         self.writer.start()
-        if self.processes is not None:
-            await self.processes.start()
 
     async def close(self) -> None:
         if self.processes is not None:

@@ -15,8 +15,8 @@ at once the daemon then uses more than one core.
 The daemon makes a key's directories itself, so that the store that fsyncs (this process's)
 knows every directory that is new; a directory a process had to create all the same comes
 back with the reply. If a process dies, its jobs fail with an OSError (A700 for the sender,
-which never got a success), the blob it may have placed under the key is removed, and the
-next job starts a new process.
+which never got a success), the blob it may have placed under the key is removed, and a
+new process is started; until it is ready, instances are parsed in the daemon's threads.
 """
 
 from __future__ import annotations
@@ -24,16 +24,18 @@ from __future__ import annotations
 import asyncio
 import errno
 import itertools
+import pickle
 import socket
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import Executor
 
 import structlog
 
 from pacsd.index.levels import IndexRecord
-from pacsd.ingest.worker import FAILED, LENGTH, OK, OS_ERROR, REJECTED, frame
+from pacsd.ingest.worker import FAILED, LENGTH, OK, OS_ERROR, READY, REJECTED, frame
 from pacsd.store.filetree import FileTreeBlobStore
 
 log = structlog.get_logger("pacsd.ingest")
@@ -54,14 +56,14 @@ class _Process(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.pending: dict[int, asyncio.Future] = {}
         self.alive = True
+        # Set once the process has imported what it needs and said so.
+        self.ready = asyncio.get_running_loop().create_future()
         self._buffer = bytearray()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        import pickle
-
         buffer = self._buffer
         buffer += data
         start = 0
@@ -72,6 +74,11 @@ class _Process(asyncio.Protocol):
                 break
             job_id, kind, payload, created = pickle.loads(memoryview(buffer)[start + LENGTH.size:end])
             start = end
+            if kind == READY:
+                log.info("ingest.process_started", pid=self.proc.pid)
+                if not self.ready.done():
+                    self.ready.set_result(None)
+                continue
             future = self.pending.pop(job_id, None)
             if future is not None and not future.done():
                 future.set_result((kind, payload, created))
@@ -81,10 +88,18 @@ class _Process(asyncio.Protocol):
         self.alive = False
         # The process is exiting (or closed its end on its way out): reap it off the loop.
         threading.Thread(target=_reap, args=(self.proc,), name="pacsd-reap", daemon=True).start()
+        lost = OSError(errno.EIO, "the ingest process exited")
+        if not self.ready.done():
+            self.ready.set_exception(lost)
+            self.ready.exception()  # retrieved: nobody need be waiting for it
         for future in self.pending.values():
             if not future.done():
-                future.set_exception(OSError(errno.EIO, "the ingest process exited"))
+                future.set_exception(lost)
         self.pending.clear()
+
+    @property
+    def usable(self) -> bool:
+        return self.alive and self.ready.done() and self.ready.exception() is None
 
     def submit(self, job_id: int, message: bytes) -> asyncio.Future:
         future = asyncio.get_running_loop().create_future()
@@ -94,6 +109,13 @@ class _Process(asyncio.Protocol):
 
 
 class IngestProcesses:
+    """Started on the first ingest, not with the daemon: a daemon that only answers queries
+    keeps no parser processes in memory. Until a process is ready (and while a lost one is
+    replaced) instances are parsed in the daemon's threads, as with ingest_processes = 0."""
+
+    # After a process failed to start, the next attempt waits this long (seconds).
+    RETRY_AFTER = 10.0
+
     def __init__(self, store: FileTreeBlobStore, executor: Executor, count: int,
                  log_level: str = "info", log_format: str = "auto") -> None:
         self.store = store
@@ -102,7 +124,8 @@ class IngestProcesses:
         self._args = [str(store.root), log_level, log_format]
         self._processes: list[_Process] = []
         self._ids = itertools.count(1)
-        self._starting: asyncio.Lock | None = None
+        self._filling: asyncio.Task | None = None
+        self._retry_at = 0.0
         self._closed = False
 
     @staticmethod
@@ -111,21 +134,26 @@ class IngestProcesses:
         return incoming.buffer is None or len(incoming.buffer) <= TRANSFER_LIMIT
 
     async def start(self) -> None:
-        """Start the processes now: each takes a good part of a second to import what it
-        needs, which the first instances should not wait for."""
-        await self._least_busy()
+        """Start the processes and wait until each is ready."""
+        self._fill_soon(now=True)
+        if self._filling is not None:
+            await asyncio.shield(self._filling)
+        for process in self._processes:
+            await process.ready
 
     async def prepare(self, incoming) -> IndexRecord:
-        """`pipeline.prepare` in an ingest process: the IndexRecord, or the same Rejected or
-        OSError it would raise."""
-        from pacsd.ingest.pipeline import Rejected
+        """`pipeline.prepare` in an ingest process (in a thread while none is ready): the
+        IndexRecord, or the same Rejected or OSError it would raise."""
+        from pacsd.ingest.pipeline import Rejected, prepare
 
         loop = asyncio.get_running_loop()
         store = self.store
         key = store.new_key()
         if not store.has_dirs(key):
             await loop.run_in_executor(self.executor, store.make_dirs, key)
-        process = await self._least_busy()
+        process = self._least_busy()
+        if process is None:
+            return await loop.run_in_executor(self.executor, prepare, incoming, store, key)
         job_id = next(self._ids)
         try:
             kind, payload, created = await process.submit(job_id, frame((job_id, incoming, key)))
@@ -145,17 +173,28 @@ class IngestProcesses:
         assert kind == FAILED
         raise RuntimeError(payload)
 
-    async def _least_busy(self) -> _Process:
-        if self._closed:
-            raise OSError(errno.ESHUTDOWN, "the archive is closing")
+    def _least_busy(self) -> _Process | None:
         self._processes = [p for p in self._processes if p.alive]
-        if len(self._processes) < self.count:
-            if self._starting is None:
-                self._starting = asyncio.Lock()
-            async with self._starting:
-                while len(self._processes) < self.count:
-                    self._processes.append(await self._start())
-        return min(self._processes, key=lambda p: len(p.pending))
+        self._fill_soon()
+        usable = [p for p in self._processes if p.usable]
+        return min(usable, key=lambda p: len(p.pending)) if usable else None
+
+    def _fill_soon(self, now: bool = False) -> None:
+        if self._closed or self._filling is not None or len(self._processes) >= self.count:
+            return
+        if not now and time.monotonic() < self._retry_at:
+            return
+        self._filling = asyncio.get_running_loop().create_task(self._fill())
+
+    async def _fill(self) -> None:
+        try:
+            while not self._closed and len([p for p in self._processes if p.alive]) < self.count:
+                self._processes.append(await self._start())
+        except Exception as exc:
+            self._retry_at = time.monotonic() + self.RETRY_AFTER
+            log.error("ingest.process_start_failed", error=repr(exc), retry_in_seconds=self.RETRY_AFTER)
+        finally:
+            self._filling = None
 
     async def _start(self) -> _Process:
         loop = asyncio.get_running_loop()
@@ -170,12 +209,14 @@ class IngestProcesses:
         finally:
             theirs.close()
         _, process = await loop.create_unix_connection(lambda: _Process(proc), sock=ours)
-        log.info("ingest.process_started", pid=proc.pid)
         return process
 
     async def close(self, timeout: float = 30) -> None:
         """Close every process's socket (it exits at the end of its job) and wait for it."""
         self._closed = True
+        if self._filling is not None:
+            self._filling.cancel()
+            await asyncio.gather(self._filling, return_exceptions=True)
         processes, self._processes = self._processes, []
         for process in processes:
             if process.transport is not None:

@@ -4,9 +4,10 @@ daemon, which sends it jobs over a socket (see ingest/processes.py).
 Started as ``python -m pacsd.ingest.worker FD BLOB_ROOT LOG_LEVEL LOG_FORMAT``, where FD is
 its end of a connected Unix socket. Each message either way is a 4-byte little-endian length
 and a pickle; a job is ``(job_id, Incoming, key)``, a reply ``(job_id, kind, payload,
-created_dirs)``. It exits when the daemon closes its end; SIGINT and SIGTERM are the
-daemon's to handle (a Ctrl-C or a systemd stop reaches every process of the group, and the
-daemon still needs this one while it finishes what it has in hand).
+created_dirs)``, the first one READY once the imports are done. It exits when the daemon
+closes its end; SIGINT and SIGTERM are the daemon's to handle (a Ctrl-C or a systemd stop
+reaches every process of the group, and the daemon still needs this one while it finishes
+what it has in hand).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import structlog
 LENGTH = struct.Struct("<I")
 
 # Reply kinds.
+READY = "ready"        # sent once, after the imports: the process takes jobs from now on
 OK = "ok"
 REJECTED = "rejected"  # payload (status, comment)
 OS_ERROR = "oserror"   # payload (errno, message)
@@ -42,6 +44,7 @@ def serve(sock: socket.socket, blob_root: Path) -> None:
     from pacsd.store.filetree import FileTreeBlobStore
 
     store = FileTreeBlobStore(blob_root)
+    sock.sendall(frame((0, READY, None, [])))
     incoming_file = sock.makefile("rb")
     while True:
         head = incoming_file.read(LENGTH.size)

@@ -25,13 +25,15 @@ def _gone(pid: int, timeout: float = 10.0) -> bool:
 
 def test_a_lost_ingest_process_costs_the_instance_it_held_and_nothing_else(start_daemon):
     daemon = start_daemon(STORAGE__INGEST_PROCESSES="1")
-    [started] = daemon.wait_for_event("ingest.process_started")
-    first = started["pid"]
     study, series = uid("lost", "study"), uid("lost", "series")
     kept = image(uid("lost", 1), series, study, instance_number=1)
     held = image(uid("lost", 2), series, study, instance_number=2)
     with RawAssociation(daemon.port, [(CT_IMAGE_STORAGE, [EXPLICIT_LE])]) as raw:
+        # The first ingest starts the process (a daemon that only serves queries has none).
+        assert not daemon.events("ingest.process_started")
         assert raw.c_store(encode(kept), CT_IMAGE_STORAGE, kept.SOPInstanceUID)["Status"] == 0x0000
+        [started] = daemon.wait_for_event("ingest.process_started")
+        first = started["pid"]
         # Stopped, the process cannot take the next job off its socket; killed, it never will.
         os.kill(first, signal.SIGSTOP)
         answer: dict = {}
@@ -44,7 +46,8 @@ def test_a_lost_ingest_process_costs_the_instance_it_held_and_nothing_else(start
         sender.join(30)
         assert answer["Status"] == 0xA700
         assert "ingest process" in answer["ErrorComment"]
-        # The sender tries again, as a modality does: a new process takes it.
+        # The sender tries again, as a modality does: stored, by the daemon's threads until a
+        # new process is ready.
         assert raw.c_store(encode(held), CT_IMAGE_STORAGE, held.SOPInstanceUID)["Status"] == 0x0000
         raw.release()
     assert daemon.wait_for_event("ingest.process_lost", pid=first)

@@ -67,6 +67,8 @@ def incoming(instance: int, pixel_bytes: int = 0) -> Incoming:
 async def test_a_small_instance_costs_one_create_and_two_fsyncs(tmp_path: Path, calls, processes: int):
     archive = Archive(Settings(storage=StorageSettings(data_dir=tmp_path / "var", ingest_processes=processes)))
     await archive.open()
+    if processes:
+        await archive.processes.start()  # else the first instances are parsed in threads
     try:
         # The first instance creates the patient, study, series and the day/minute directories.
         assert (await archive.ingest.ingest(incoming(0))).status == Status.SUCCESS
@@ -98,6 +100,7 @@ async def test_an_instance_too_large_to_carry_to_a_process_is_written_by_the_dae
     an ingest process: a thread of the daemon parses it and creates its blob."""
     archive = Archive(Settings(storage=StorageSettings(data_dir=tmp_path / "var", ingest_processes=1)))
     await archive.open()
+    await archive.processes.start()
     try:
         assert (await archive.ingest.ingest(incoming(0))).status == Status.SUCCESS
         for n, size, here in [(1, 1000, False), (2, TRANSFER_LIMIT, True), (3, 1000, False)]:
