@@ -63,10 +63,18 @@ class LevelRows:
     study: dict[str, Any]
     series: dict[str, Any]
     instance: dict[str, Any]
-    parts: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
+    parts: dict[str, dict[str, Any] | str] = field(default_factory=dict, repr=False)
 
     def attrs(self, level: str) -> str:
-        return _serialise(self.parts[level])
+        part = self.parts[level]
+        return part if isinstance(part, str) else _serialise(part)
+
+    def serialise_parts(self) -> None:
+        """Each level's JSON as text now. An ingest process does it before it sends the
+        rows to the daemon, which then unpickles three strings instead of rebuilding
+        hundreds of small objects, and serialises nothing for a new patient, study or
+        series."""
+        self.parts = {level: self.attrs(level) for level in ("patient", "study", "series")}
 
 
 def _value_text(value: Any) -> str:

@@ -53,7 +53,9 @@ def serve(sock: socket.socket, blob_root: Path) -> None:
         body = incoming_file.read(LENGTH.unpack(head)[0])
         job_id, incoming, key = pickle.loads(body)
         try:
-            kind, payload = OK, prepare(incoming, store, key)
+            record = prepare(incoming, store, key)
+            record.rows.serialise_parts()
+            kind, payload = OK, record
         except Rejected as exc:
             kind, payload = REJECTED, (exc.status, exc.comment)
         except OSError as exc:

@@ -9,7 +9,8 @@ import signal
 import threading
 import time
 
-from tests.dicomdata import CT_IMAGE_STORAGE, EXPLICIT_LE, RawAssociation, blob_files, encode, image, instance_rows, uid
+from tests.dicomdata import (CT_IMAGE_STORAGE, EXPLICIT_LE, RawAssociation, blob_files, encode, image, instance_rows,
+                             query, uid)
 
 
 def _gone(pid: int, timeout: float = 10.0) -> bool:
@@ -59,3 +60,30 @@ def test_a_lost_ingest_process_costs_the_instance_it_held_and_nothing_else(start
     # The daemon's processes end with it.
     assert daemon.stop() == 0
     assert _gone(second["pid"])
+
+
+async def test_the_index_holds_the_same_whichever_way_an_instance_was_parsed(tmp_path):
+    """An ingest process sends each level's DICOM JSON as text (LevelRows.serialise_parts);
+    C-FIND and QIDO-RS must find exactly what a thread's parse would have stored."""
+    from pacsd.app import Archive
+    from pacsd.config import Settings, StorageSettings
+    from tests.unit.test_ingest_syscalls import incoming
+
+    tables = {}
+    for processes in (0, 1):
+        data_dir = tmp_path / f"p{processes}"
+        archive = Archive(Settings(storage=StorageSettings(data_dir=data_dir, ingest_processes=processes)))
+        await archive.open()
+        try:
+            if processes:
+                await archive.processes.start()
+            for n in range(3):
+                assert (await archive.ingest.ingest(incoming(n))).stored
+        finally:
+            await archive.close()
+        db = data_dir / "index.db"
+        tables[processes] = {
+            level: query(db, f"SELECT attrs FROM {level} ORDER BY attrs")
+            for level in ("patients", "studies", "series", "instances")}
+    assert tables[0] == tables[1]
+    assert all(tables[1].values())
