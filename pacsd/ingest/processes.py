@@ -174,7 +174,7 @@ class IngestProcesses:
         raise RuntimeError(payload)
 
     def _least_busy(self) -> _Process | None:
-        self._processes = [p for p in self._processes if p.alive]
+        self._processes[:] = [p for p in self._processes if p.alive]
         self._fill_soon()
         usable = [p for p in self._processes if p.usable]
         return min(usable, key=lambda p: len(p.pending)) if usable else None
@@ -189,7 +189,9 @@ class IngestProcesses:
     async def _fill(self) -> None:
         try:
             while not self._closed and len([p for p in self._processes if p.alive]) < self.count:
-                self._processes.append(await self._start())
+                process = await self._start()
+                # Not `self._processes.append(await ...)`, which binds the list before the await.
+                self._processes.append(process)
         except Exception as exc:
             self._retry_at = time.monotonic() + self.RETRY_AFTER
             log.error("ingest.process_start_failed", error=repr(exc), retry_in_seconds=self.RETRY_AFTER)

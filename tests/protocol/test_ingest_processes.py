@@ -4,10 +4,12 @@ another, and stops its processes with itself."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 from tests.dicomdata import (CT_IMAGE_STORAGE, EXPLICIT_LE, RawAssociation, blob_files, encode, image, instance_rows,
                              query, uid)
@@ -87,3 +89,38 @@ async def test_the_index_holds_the_same_whichever_way_an_instance_was_parsed(tmp
             for level in ("patients", "studies", "series", "instances")}
     assert tables[0] == tables[1]
     assert all(tables[1].values())
+
+
+def _ingest_processes() -> list[int]:
+    """This process's children that are ingest processes."""
+    pids = []
+    for children in Path(f"/proc/{os.getpid()}/task").glob("*/children"):
+        for pid in children.read_text().split():
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except FileNotFoundError:
+                continue
+            if b"pacsd.ingest.worker" in cmdline:
+                pids.append(int(pid))
+    return pids
+
+
+async def test_a_burst_of_instances_while_the_process_starts_starts_it_once(tmp_path):
+    from pacsd.app import Archive
+    from pacsd.config import Settings, StorageSettings
+    from tests.unit.test_ingest_syscalls import incoming
+
+    archive = Archive(Settings(storage=StorageSettings(data_dir=tmp_path / "var", ingest_processes=1)))
+    await archive.open()
+    try:
+        # Forty at once, before any process is ready: all are stored (by threads meanwhile) ...
+        outcomes = await asyncio.gather(*(archive.ingest.ingest(incoming(n)) for n in range(40)))
+        assert all(o.stored for o in outcomes)
+        await archive.processes.start()
+        outcomes = await asyncio.gather(*(archive.ingest.ingest(incoming(n)) for n in range(40, 60)))
+        assert all(o.stored for o in outcomes)
+        # ... and one process was started, not one per instance that found none ready.
+        assert len(_ingest_processes()) == 1
+    finally:
+        await archive.close()
+    assert _ingest_processes() == []
