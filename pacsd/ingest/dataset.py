@@ -1,7 +1,7 @@
-"""Received data sets: structural check, header read, Part 10 file meta (PS3.5 §7, PS3.10 §7).
+"""Received data sets: structural check and header read (PS3.5 §7).
 
 A C-STORE data set reaches the spool as a Part 10 file: 128-byte preamble, "DICM", the file
-meta group built by `build_file_meta`, then the data set bytes exactly as received in the
+meta group built by `filemeta.build_file_meta`, then the data set bytes exactly as received in the
 negotiated transfer syntax. Before the instance is stored:
 
 - `check_structure` walks every element header from the start of the data set to the end of
@@ -13,8 +13,8 @@ negotiated transfer syntax. Before the instance is stored:
   index, without reading pixel data or any other large value into memory.
 
 Both share one walker, which reads the file through a 64 KiB window (or, for the deflated
-transfer syntaxes, through a streaming inflater), so a length is never used to size a read
-before it has been checked against its container and the end of the data.
+transfer syntaxes, through a streaming inflater; both in sources.py), so a length is never
+used to size a read before it has been checked against its container and the end of the data.
 
 What the walker accepts beyond the letter of PS3.5, because real senders and pydicom do:
 odd value lengths; an item delimiter closing a defined-length item, or a sequence delimiter
@@ -37,9 +37,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import re
-import struct
-import zlib
 from pathlib import Path
 from typing import BinaryIO
 
@@ -51,42 +48,28 @@ from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag
 from pydicom.values import convert_string
 
+from pacsd.ingest.sources import (
+    BY_FLAGS,
+    IMPLICIT_LE,
+    MAX_INFLATED,
+    DataSetError,
+    Encoding,
+    FileSource,
+    InflateSource,
+    encoding_for,
+)
+
 __all__ = [
     "DataSetError",
     "check_structure",
     "read_header",
-    "build_file_meta",
-    "DataSetReader",
-    "IMPLICIT_VR_LITTLE_ENDIAN",
-    "EXPLICIT_VR_LITTLE_ENDIAN",
-    "EXPLICIT_VR_BIG_ENDIAN",
-    "DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN",
-    "DEFLATED_TRANSFER_SYNTAXES",
     "MAX_HEADER_VALUE",
 ]
-
-IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
-EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
-EXPLICIT_VR_BIG_ENDIAN = "1.2.840.10008.1.2.2"
-DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1.99"
-# PS3.5 A.5 and A.7: the data set after the file meta is one raw deflate stream (RFC 1951),
-# explicit VR little endian inside. JPIP Referenced Deflate and its HTJ2K variant do the same.
-DEFLATED_TRANSFER_SYNTAXES = frozenset({
-    DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
-    "1.2.840.10008.1.2.4.95",
-    "1.2.840.10008.1.2.4.205",
-})
 
 # Values longer than this are left out of read_header's Dataset (never read into memory).
 MAX_HEADER_VALUE = 64 * 1024
 # read_header refuses a header whose kept bytes exceed this (many values just under the cap).
 MAX_HEADER_BYTES = 64 * 1024 * 1024
-
-_WINDOW = 64 * 1024            # file read size for the walker's window
-_INFLATE_IN = 1024 * 1024      # compressed bytes fed to the inflater per read
-_INFLATE_OUT = 64 * 1024       # most inflated bytes produced per decompress() call
-MAX_INFLATED = 4 * 1024 ** 3   # a deflated data set may not inflate beyond this ...
-_DEFLATE_MAX_RATIO = 1032      # ... nor beyond what deflate can encode (about 1032:1)
 
 _UNDEFINED = 0xFFFFFFFF
 _ITEM = 0xFFFEE000
@@ -109,10 +92,6 @@ _MODE_DELIMITED = 1   # an undefined-length container: ends at its delimiter
 _MODE_STREAM = 2      # the top level of a deflated data set: ends where the stream ends
 
 
-class DataSetError(Exception):
-    """The received data set is not structurally a complete DICOM data set."""
-
-
 def _tag(tag: int) -> str:
     return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
 
@@ -124,254 +103,6 @@ def _describe(where: str | tuple) -> str:
     if len(where) == 1:
         return f"sequence {_tag(where[0])}"
     return f"item {where[1]} of sequence {_tag(where[0])}"
-
-
-class _Encoding:
-    """Structs for one (VR, byte order) combination."""
-
-    __slots__ = ("implicit", "little", "element", "implicit_element", "ul", "item", "order")
-
-    def __init__(self, implicit: bool, little: bool) -> None:
-        order = "<" if little else ">"
-        self.implicit = implicit
-        self.little = little
-        self.order = order
-        self.element = struct.Struct(order + ("HHL" if implicit else "HH2sH"))
-        self.implicit_element = struct.Struct(order + "HHL")
-        self.ul = struct.Struct(order + "L")
-        self.item = struct.Struct(order + "HHL")
-
-    def header(self, tag: int, length: int) -> bytes:
-        return self.item.pack(tag >> 16, tag & 0xFFFF, length)
-
-
-_IMPLICIT_LE = _Encoding(True, True)
-_IMPLICIT_BE = _Encoding(True, False)   # only reached through pydicom-style item detection
-_EXPLICIT_LE = _Encoding(False, True)
-_EXPLICIT_BE = _Encoding(False, False)
-_BY_FLAGS = {
-    (True, True): _IMPLICIT_LE,
-    (True, False): _IMPLICIT_BE,
-    (False, True): _EXPLICIT_LE,
-    (False, False): _EXPLICIT_BE,
-}
-
-
-def _encoding_for(transfer_syntax: str) -> tuple[_Encoding, bool]:
-    """(encoding, deflated) for a transfer syntax UID; unknown ones are explicit VR LE."""
-    uid = transfer_syntax.rstrip("\0 ")
-    if uid == IMPLICIT_VR_LITTLE_ENDIAN:
-        return _IMPLICIT_LE, False
-    if uid == EXPLICIT_VR_BIG_ENDIAN:
-        return _EXPLICIT_BE, False
-    return _EXPLICIT_LE, uid in DEFLATED_TRANSFER_SYNTAXES
-
-
-# ---------------------------------------------------------------------------------------------
-# Byte sources: a window over the data set, addressed by absolute position.
-# `buf` holds the data from position `base`; need(pos, n) makes the window start at or before
-# pos and hold up to n bytes from it (fewer only where the data ends) and returns pos's index.
-
-
-class _FileSource:
-    __slots__ = ("f", "end", "buf", "base", "window")
-
-    deflated = False
-
-    def __init__(self, f: BinaryIO, start: int, end: int, window: int = _WINDOW) -> None:
-        self.f = f
-        self.end = end
-        self.buf = b""
-        self.base = start
-        self.window = window
-
-    def need(self, pos: int, n: int) -> int:
-        i = pos - self.base
-        if i >= 0 and i + n <= len(self.buf):
-            return i
-        size = min(max(self.window, n), self.end - pos)
-        if size <= 0:
-            self.buf, self.base = b"", pos
-            return 0
-        self.f.seek(pos)
-        data = self.f.read(size)
-        if len(data) != size:
-            raise DataSetError(
-                f"the file ends at byte {pos + len(data)}, before the {self.end} bytes it had"
-            )
-        self.buf, self.base = data, pos
-        return 0
-
-    def skip_to(self, pos: int) -> bool:
-        return pos <= self.end
-
-    @staticmethod
-    def where(pos: int) -> str:
-        return f"byte {pos}"
-
-
-class _InflateSource:
-    """The inflated data set, produced on demand; positions count inflated bytes from 0."""
-
-    __slots__ = ("f", "z", "left_in", "compressed", "cap", "produced", "flushed", "buf", "base", "crc")
-
-    deflated = True
-    end = None   # unknown until the stream has ended
-
-    def __init__(self, f: BinaryIO, start: int, end: int, max_inflated: int) -> None:
-        self.f = f
-        f.seek(start)
-        self.z = zlib.decompressobj(-zlib.MAX_WBITS)
-        self.left_in = end - start
-        self.compressed = end - start
-        self.cap = min(max_inflated, _DEFLATE_MAX_RATIO * self.compressed + _INFLATE_OUT)
-        self.produced = 0
-        self.crc = 0
-        self.flushed = False
-        self.buf = b""
-        self.base = 0
-
-    def _more(self) -> bytes:
-        """The next inflated bytes (at most _INFLATE_OUT), or b"" once the stream has ended."""
-        z = self.z
-        while not z.eof:
-            data = z.unconsumed_tail
-            if not data:
-                if self.left_in > 0:
-                    data = self.f.read(min(_INFLATE_IN, self.left_in))
-                    if not data:
-                        raise DataSetError(
-                            f"the file ends {self.left_in} bytes before the end of the deflated data set"
-                        )
-                    self.left_in -= len(data)
-                elif not self.flushed:
-                    # All input consumed: collect what zlib still holds (at most a match).
-                    self.flushed = True
-                    try:
-                        out = z.flush()
-                    except zlib.error as exc:
-                        raise DataSetError(f"the deflate stream is corrupt: {exc}") from None
-                    if out:
-                        return self._count(out)
-                    continue
-                else:
-                    raise DataSetError(
-                        f"the deflate stream is truncated: its {self.compressed} bytes end without "
-                        f"the final block, after {self.produced} inflated bytes"
-                    )
-            try:
-                out = z.decompress(data, _INFLATE_OUT)
-            except zlib.error as exc:
-                raise DataSetError(
-                    f"the deflate stream is corrupt after {self.produced} inflated bytes: {exc}"
-                ) from None
-            if out:
-                return self._count(out)
-        return b""
-
-    def _count(self, out: bytes) -> bytes:
-        self.produced += len(out)
-        self.crc = zlib.crc32(out, self.crc)
-        if self.produced > self.cap:
-            raise DataSetError(
-                f"the deflated data set inflates beyond {self.cap} bytes "
-                f"({self.compressed} compressed bytes)"
-            )
-        return out
-
-    def need(self, pos: int, n: int) -> int:
-        i = pos - self.base
-        if i + n <= len(self.buf):
-            return i
-        if i > len(self.buf) and not self.skip_to(pos):
-            self.buf, self.base = b"", pos
-            return 0
-        buf = self.buf[pos - self.base:]
-        while len(buf) < n:
-            more = self._more()
-            if not more:
-                break
-            buf += more
-        self.buf, self.base = buf, pos
-        return 0
-
-    def skip_to(self, pos: int) -> bool:
-        """Inflate and drop bytes up to pos; False if the stream ends before it."""
-        while self.base + len(self.buf) < pos:
-            self.base += len(self.buf)
-            self.buf = b""
-            more = self._more()
-            if not more:
-                return False
-            self.buf = more
-        return True
-
-    def check_trailer(self) -> None:
-        """After the end of the stream: allow one pad byte, or a gzip trailer that matches.
-
-        Some writers deflate with gzip and strip only its header, leaving the 8-byte trailer
-        (CRC-32 and size of the inflated data) after the deflate stream; pydicom's
-        image_dfl.dcm is one. Anything else after the stream is an error.
-        """
-        count = len(self.z.unused_data) + self.left_in
-        if count <= 1:
-            return
-        if count in (8, 9):
-            tail = self.z.unused_data[:8]
-            if len(tail) < 8:
-                tail += self.f.read(8 - len(tail))
-            if len(tail) == 8 and struct.unpack("<LL", tail) == (self.crc, self.produced & 0xFFFFFFFF):
-                return
-        raise DataSetError(
-            f"{count} bytes follow the end of the deflate stream after {self.produced} inflated bytes "
-            f"(allowed: one pad byte, or a gzip trailer matching the inflated data)"
-        )
-
-    @staticmethod
-    def where(pos: int) -> str:
-        return f"inflated byte {pos}"
-
-
-class DataSetReader:
-    """The bytes of a stored data set by position, for walkers of their own (pacsd.web).
-
-    Positions are file offsets; for the deflated transfer syntaxes they count inflated bytes
-    from 0 (`start`), and reading goes forward only. `end` is the end of the data set, None
-    for a deflated one (known when the stream ends). Raises DataSetError where the walker
-    here would: a corrupt or truncated deflate stream, one that inflates beyond its cap.
-    """
-
-    def __init__(self, f: BinaryIO, start: int, end: int, transfer_syntax: str, *,
-                 window: int = _WINDOW, max_inflated: int = MAX_INFLATED) -> None:
-        _, deflated = _encoding_for(transfer_syntax)
-        if deflated:
-            self._src = _InflateSource(f, start, end, max_inflated)
-            self.start, self.end = 0, None
-        else:
-            self._src = _FileSource(f, start, end, window)
-            self.start, self.end = start, end
-
-    def read(self, pos: int, n: int) -> bytes:
-        """Up to n bytes at pos: fewer only where the data set ends."""
-        src = self._src
-        if not src.deflated:
-            i = src.need(pos, n)
-            return src.buf[i:i + n]
-        if pos < src.base:
-            raise DataSetError(f"cannot go back to {src.where(pos)} (the inflater is at {src.base})")
-        if n <= _INFLATE_OUT:
-            i = src.need(pos, n)
-            return src.buf[i:i + n]
-        # Large reads in inflater-sized pieces: need() grows its window by concatenation.
-        parts = []
-        while n > 0:
-            part = self.read(pos, min(n, _INFLATE_OUT))
-            if not part:
-                break
-            parts.append(part)
-            pos += len(part)
-            n -= len(part)
-        return b"".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -454,7 +185,7 @@ class _Walker:
 
     # -- copying (header mode) ------------------------------------------------------------------
 
-    def _raw(self, pos: int, hdr: int, length: int, tag: int, vr: bytes | None, enc: _Encoding,
+    def _raw(self, pos: int, hdr: int, length: int, tag: int, vr: bytes | None, enc: Encoding,
              limit: int | None, where) -> None:
         src = self.src
         n = hdr + length
@@ -486,16 +217,16 @@ class _Walker:
 
     # -- structure ------------------------------------------------------------------------------
 
-    def _item_encoding(self, pos: int, limit: int | None, enc: _Encoding) -> _Encoding:
+    def _item_encoding(self, pos: int, limit: int | None, enc: Encoding) -> Encoding:
         """pydicom's rule for items in explicit VR: implicit unless the first VR is letters."""
         src = self.src
         i = src.need(pos, 6)
         if len(src.buf) - i >= 6 and (limit is None or limit - pos >= 6):
             a, b = src.buf[i + 4], src.buf[i + 5]
-            return _BY_FLAGS[(not (65 <= a <= 90 and 65 <= b <= 90), enc.little)]
+            return BY_FLAGS[(not (65 <= a <= 90 and 65 <= b <= 90), enc.little)]
         return enc
 
-    def dataset(self, enc: _Encoding, limit: int | None, mode: int, depth: int, where) -> bool:
+    def dataset(self, enc: Encoding, limit: int | None, mode: int, depth: int, where) -> bool:
         """Walk the elements of a data set or item from self.pos.
 
         Returns True if the container ended with an item delimiter (consumed, and copied in
@@ -544,7 +275,7 @@ class _Walker:
                     group, elem, length = enc.implicit_element.unpack_from(buf, i)
                     vr = None
                     hdr = 8
-                    element_enc = _BY_FLAGS[(True, enc.little)]
+                    element_enc = BY_FLAGS[(True, enc.little)]
                 elif group == 0:
                     raise self._command(group << 16 | elem, pos, where)
                 else:
@@ -591,7 +322,7 @@ class _Walker:
                     if vr == b"UN":
                         # PS3.5 6.2.2: the value is a sequence in implicit VR little endian
                         # (items are still checked for explicit VR, as pydicom does).
-                        self.sequence(_IMPLICIT_LE, None, _MODE_DELIMITED, limit, depth + 1, tag, True)
+                        self.sequence(IMPLICIT_LE, None, _MODE_DELIMITED, limit, depth + 1, tag, True)
                     else:
                         self.sequence(element_enc, None, _MODE_DELIMITED, limit, depth + 1, tag,
                                       not element_enc.implicit)
@@ -632,7 +363,7 @@ class _Walker:
                 raise self._past(f"element {_tag(tag)}", length, pos, limit, where)
             self.pos = end
 
-    def sequence(self, enc: _Encoding, limit: int | None, mode: int, outer: int | None,
+    def sequence(self, enc: Encoding, limit: int | None, mode: int, outer: int | None,
                  depth: int, seq_tag: int, detect: bool) -> bool:
         """Walk the items of a sequence from self.pos; True if it ended with its delimiter.
 
@@ -706,7 +437,7 @@ class _Walker:
                     f"or its sequence delimiter (FFFE,E0DD) should be"
                 )
 
-    def fragments(self, enc: _Encoding, limit: int | None, tag: int, pos0: int, hdr: int,
+    def fragments(self, enc: Encoding, limit: int | None, tag: int, pos0: int, hdr: int,
                   container) -> None:
         """Walk an encapsulated value: defined-length items up to the sequence delimiter."""
         src = self.src
@@ -782,15 +513,15 @@ def check_structure(f: BinaryIO, start: int, end: int, transfer_syntax: str,
     """
     if not 0 <= start <= end:
         raise ValueError(f"bad data set range {start}..{end}")
-    enc, deflated = _encoding_for(transfer_syntax)
+    enc, deflated = encoding_for(transfer_syntax)
     if deflated:
-        src = _InflateSource(f, start, end, max_inflated)
+        src = InflateSource(f, start, end, max_inflated)
         walker = _Walker(src, max_depth)
         walker.pos = 0
         walker.dataset(enc, None, _MODE_STREAM, 0, "the data set")
         src.check_trailer()
     else:
-        src = _FileSource(f, start, end)
+        src = FileSource(f, start, end)
         walker = _Walker(src, max_depth)
         walker.pos = start
         walker.dataset(enc, end, _MODE_EXACT, 0, "the data set")
@@ -823,14 +554,14 @@ def read_header(path: Path | BinaryIO, offset: int, transfer_syntax: str, *,
     the walk needs. With `whole`, the walk goes on to the end of the data and checks all of
     it as `check_structure` does, in the same pass (the ingest path's one walk).
     """
-    enc, deflated = _encoding_for(transfer_syntax)
+    enc, deflated = encoding_for(transfer_syntax)
     # `path` may also be an open binary file (the ingest passes the bytes it still holds).
     with (open(path, "rb") if isinstance(path, (str, os.PathLike)) else contextlib.nullcontext(path)) as f:
         size = f.seek(0, os.SEEK_END)
         if not 0 <= offset <= size:
             raise DataSetError(f"data set offset {offset} is outside the {size}-byte file")
         if deflated:
-            src = _InflateSource(f, offset, size, MAX_INFLATED)
+            src = InflateSource(f, offset, size, MAX_INFLATED)
             walker = _Walker(src, max_depth, header=True, max_value=max_value, max_header=max_header,
                              check_rest=whole)
             walker.pos = 0
@@ -839,7 +570,7 @@ def read_header(path: Path | BinaryIO, offset: int, transfer_syntax: str, *,
                 src.check_trailer()
             pixel = None if walker.pixel_offset is None else offset + walker.pixel_offset
         else:
-            src = _FileSource(f, offset, size)
+            src = FileSource(f, offset, size)
             walker = _Walker(src, max_depth, header=True, max_value=max_value, max_header=max_header,
                              check_rest=whole)
             walker.pos = offset
@@ -848,7 +579,7 @@ def read_header(path: Path | BinaryIO, offset: int, transfer_syntax: str, *,
     return _header_dataset(walker, enc), pixel
 
 
-def _header_dataset(walker: _Walker, enc: _Encoding) -> pydicom.Dataset:
+def _header_dataset(walker: _Walker, enc: Encoding) -> pydicom.Dataset:
     """The walker's top-level raw elements, with its copy of the sequences parsed by pydicom
     (in the data set's character set, which their items inherit), as one Dataset."""
     if walker.copied is not None:
@@ -868,59 +599,3 @@ def _header_dataset(walker: _Walker, enc: _Encoding) -> pydicom.Dataset:
     return ds
 
 
-# ---------------------------------------------------------------------------------------------
-# File meta
-
-_PREAMBLE = b"\x00" * 128 + b"DICM"
-_UID_RE = re.compile(r"[0-9.]{1,64}")
-_SHORT = struct.Struct("<HH2sH")
-_LONG = struct.Struct("<HH2s2xL")
-
-
-def _uid(name: str, value: str) -> bytes:
-    if not isinstance(value, str) or not _UID_RE.fullmatch(value):
-        raise ValueError(f"{name} {value!r} is not a UID (digits and dots, at most 64)")
-    raw = value.encode("ascii")
-    return raw + b"\x00" if len(raw) & 1 else raw
-
-
-def _text(name: str, value: str, limit: int) -> bytes:
-    try:
-        raw = value.encode("ascii")
-    except (UnicodeEncodeError, AttributeError):
-        raise ValueError(f"{name} {value!r} is not ASCII text") from None
-    if len(raw) > limit or b"\\" in raw or any(c < 0x20 or c == 0x7F for c in raw):
-        raise ValueError(f"{name} {value!r} is not a valid value (at most {limit} printable characters)")
-    return raw + b" " if len(raw) & 1 else raw
-
-
-def build_file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str,
-                    source_ae: str, implementation_class_uid: str,
-                    implementation_version: str) -> bytes:
-    """Preamble, "DICM" and the File Meta Information group (PS3.10 §7.1), explicit VR LE.
-
-    Writes (0002,0000), (0002,0001) = 00 01, (0002,0002), (0002,0003), (0002,0010),
-    (0002,0012), then (0002,0013) Implementation Version Name and (0002,0016) Source
-    Application Entity Title unless they are empty (both are Type 3). UIDs are padded with
-    NUL, text with a space, to even length. Raises ValueError for a value that is not a UID,
-    or not ASCII text within its VR's length (SH and AE: 16).
-    """
-    body = [
-        _LONG.pack(2, 0x0001, b"OB", 2) + b"\x00\x01",
-    ]
-    for elem, name, value in (
-        (0x0002, "Media Storage SOP Class UID", sop_class_uid),
-        (0x0003, "Media Storage SOP Instance UID", sop_instance_uid),
-        (0x0010, "Transfer Syntax UID", transfer_syntax),
-        (0x0012, "Implementation Class UID", implementation_class_uid),
-    ):
-        raw = _uid(name, value)
-        body.append(_SHORT.pack(2, elem, b"UI", len(raw)) + raw)
-    if implementation_version:
-        raw = _text("Implementation Version Name", implementation_version, 16)
-        body.append(_SHORT.pack(2, 0x0013, b"SH", len(raw)) + raw)
-    if source_ae:
-        raw = _text("Source Application Entity Title", source_ae, 16)
-        body.append(_SHORT.pack(2, 0x0016, b"AE", len(raw)) + raw)
-    group = b"".join(body)
-    return _PREAMBLE + _SHORT.pack(2, 0x0000, b"UL", 4) + struct.pack("<L", len(group)) + group

@@ -20,7 +20,7 @@ from pacsd.dimse.command import CommandField, Priority
 from pacsd.dimse.identifier import decode_identifier, encode_identifier
 from pacsd.dimse.status import Status
 from pacsd.dul.negotiation import ProposedContext
-from pacsd.ingest.dataset import build_file_meta
+from pacsd.ingest.filemeta import build_file_meta
 from pacsd.uid import is_valid_uid
 
 UNCOMPRESSED = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]

@@ -26,7 +26,7 @@ from pacsd.dimse.command import CommandField, Priority
 from pacsd.dimse.status import category, describe
 from pacsd.dul import pdu
 from pacsd.dul.negotiation import ProposedContext
-from pacsd.ingest.dataset import DEFLATED_TRANSFER_SYNTAXES
+from pacsd.ingest.sources import DEFLATED_TRANSFER_SYNTAXES
 from pacsd.net.association import AssociationError, AssociationRejected, _Part
 from pacsd.net.requestor import associate
 from pacsd.uid import uid_problem

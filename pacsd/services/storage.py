@@ -17,7 +17,7 @@ from pacsd.dimse.assembler import Message
 from pacsd.dimse.command import CommandField
 from pacsd.dimse.spool import Spool
 from pacsd.dimse.status import Status, describe
-from pacsd.ingest.dataset import build_file_meta
+from pacsd.ingest.filemeta import build_file_meta
 from pacsd.ingest.pipeline import IN_MEMORY_LIMIT, Incoming, Ingest
 from pacsd.services.registry import ServiceRegistry
 from pacsd.store.filetree import disk_free

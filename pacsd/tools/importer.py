@@ -28,7 +28,7 @@ from typing import Callable, Iterable
 from pacsd import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from pacsd.config import Settings, check_ae_title
 from pacsd.dimse.status import Status, describe
-from pacsd.ingest.dataset import build_file_meta
+from pacsd.ingest.filemeta import build_file_meta
 from pacsd.ingest.pipeline import Incoming, Outcome
 from pacsd.net.storescu import NotPart10, Part10File, read_part10
 

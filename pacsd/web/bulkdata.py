@@ -18,7 +18,7 @@ import hashlib
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
-from pacsd.ingest.dataset import EXPLICIT_VR_BIG_ENDIAN, EXPLICIT_VR_LITTLE_ENDIAN
+from pacsd.ingest.sources import EXPLICIT_VR_BIG_ENDIAN, EXPLICIT_VR_LITTLE_ENDIAN
 from pacsd.web import caching, multipart
 from pacsd.web.elements import (
     PIXEL_TAGS, Element, ElementError, find, parse_path, path_text, pixel_data, read_ranges,

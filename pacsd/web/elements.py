@@ -26,11 +26,11 @@ from typing import BinaryIO, Iterator
 
 from pydicom.datadict import DicomDictionary, dictionary_VR
 
-from pacsd.ingest.dataset import (
+from pacsd.ingest.dataset import DataSetError
+from pacsd.ingest.sources import (
     DEFLATED_TRANSFER_SYNTAXES,
     EXPLICIT_VR_BIG_ENDIAN,
     IMPLICIT_VR_LITTLE_ENDIAN,
-    DataSetError,
     DataSetReader,
 )
 

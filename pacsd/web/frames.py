@@ -24,9 +24,13 @@ from pathlib import Path
 
 import pydicom
 
-from pacsd.ingest.dataset import (DEFLATED_TRANSFER_SYNTAXES, EXPLICIT_VR_BIG_ENDIAN,
-                                  EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN,
-                                  DataSetError, read_header)
+from pacsd.ingest.dataset import DataSetError, read_header
+from pacsd.ingest.sources import (
+    DEFLATED_TRANSFER_SYNTAXES,
+    EXPLICIT_VR_BIG_ENDIAN,
+    EXPLICIT_VR_LITTLE_ENDIAN,
+    IMPLICIT_VR_LITTLE_ENDIAN,
+)
 from pacsd.web.elements import ElementError, element_at
 
 __all__ = ["PixelError", "FrameError", "ImagePixel", "FrameMap", "locate", "read_frame", "iter_frame",

@@ -24,7 +24,7 @@ from pydicom.encaps import encapsulate
 from pydicom.pixels import apply_color_lut, get_decoder
 from pydicom.uid import UID
 
-from pacsd.ingest.dataset import EXPLICIT_VR_LITTLE_ENDIAN
+from pacsd.ingest.sources import EXPLICIT_VR_LITTLE_ENDIAN
 from pacsd.web.frames import FrameMap, PixelError
 
 __all__ = ["RenderError", "Window", "Viewport", "RenderParams", "Presentation", "presentation",

@@ -33,7 +33,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from pacsd.ingest.dataset import EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN
+from pacsd.ingest.sources import EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN
 from pacsd.web import caching, multipart, streaming
 from pacsd.web.errors import WebError
 from pacsd.web.frames import FrameError, FrameMap, iter_frame, locate, read_frame

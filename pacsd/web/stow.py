@@ -41,7 +41,7 @@ from starlette.routing import Route
 from pacsd import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from pacsd.config import check_ae_title
 from pacsd.dimse.status import Status, describe
-from pacsd.ingest.dataset import build_file_meta
+from pacsd.ingest.filemeta import build_file_meta
 from pacsd.ingest.pipeline import IN_MEMORY_LIMIT, Incoming, Outcome
 from pacsd.store.filetree import disk_free
 from pacsd.uid import uid_problem

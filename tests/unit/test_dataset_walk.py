@@ -25,13 +25,8 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 
-from pacsd.ingest.dataset import (
-    MAX_HEADER_VALUE,
-    DataSetError,
-    build_file_meta,
-    check_structure,
-    read_header,
-)
+from pacsd.ingest.dataset import MAX_HEADER_VALUE, DataSetError, check_structure, read_header
+from pacsd.ingest.filemeta import build_file_meta
 
 IMPLICIT = "1.2.840.10008.1.2"
 EXPLICIT = "1.2.840.10008.1.2.1"
