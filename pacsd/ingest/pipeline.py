@@ -86,17 +86,31 @@ class Ingest:
     def __init__(self, store: BlobStore, writer: IndexWriter, executor: Executor, duplicates: str,
                  spool_dir: Path, processes: IngestProcesses | None = None) -> None:
         self.spool_dir = spool_dir
-        # Where `prepare` runs: ingest processes if there are any, else the executor's threads.
+        # Where `prepare` runs: the executor's threads, or ingest processes when instances
+        # arrive side by side.
         self.processes = processes
+        # Instances between arrival and outcome.
+        self.in_flight = 0
         self.store = store
         self.writer = writer
         self.executor = executor
         self.duplicates = duplicates
 
     async def ingest(self, incoming: Incoming) -> Outcome:
+        self.in_flight += 1
+        try:
+            return await self._ingest(incoming)
+        finally:
+            self.in_flight -= 1
+
+    async def _ingest(self, incoming: Incoming) -> Outcome:
         loop = asyncio.get_running_loop()
         try:
-            if self.processes is not None and self.processes.takes(incoming):
+            # An ingest process only while another instance is on its way too: alone, an
+            # instance is parsed faster in a thread (the event loop is idle meanwhile, and a
+            # process round trip costs more than a thread's), and a site with one modality
+            # at a time never starts a process at all.
+            if self.processes is not None and self.in_flight > 1 and self.processes.takes(incoming):
                 record = await self.processes.prepare(incoming)
             else:
                 record = await loop.run_in_executor(self.executor, prepare, incoming, self.store)

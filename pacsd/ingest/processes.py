@@ -1,7 +1,8 @@
 """Ingest processes: the CPU-heavy part of ingest (parse, validate, index rows, write the
 blob) run outside the daemon's process, so that it does not share one interpreter lock with
 the event loop, the index writer and every association. With several associations storing
-at once the daemon then uses more than one core.
+at once the daemon then uses more than one core. pipeline.Ingest sends an instance here
+only while another one is being ingested too: alone, it is parsed faster in a thread.
 
     daemon (event loop)                         ingest process (ingest/worker.py)
       key = store.new_key(), its directories
@@ -109,9 +110,10 @@ class _Process(asyncio.Protocol):
 
 
 class IngestProcesses:
-    """Started on the first ingest, not with the daemon: a daemon that only answers queries
-    keeps no parser processes in memory. Until a process is ready (and while a lost one is
-    replaced) instances are parsed in the daemon's threads, as with ingest_processes = 0."""
+    """Started the first time instances arrive side by side, not with the daemon: a daemon
+    that takes one instance at a time, or only answers queries, keeps no parser processes in
+    memory. Until a process is ready (and while a lost one is replaced) instances are parsed
+    in the daemon's threads, as with ingest_processes = 0."""
 
     # After a process failed to start, the next attempt waits this long (seconds).
     RETRY_AFTER = 10.0

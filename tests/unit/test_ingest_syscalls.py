@@ -9,6 +9,7 @@ any machine, not show up as a few percent in bench/.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -63,12 +64,10 @@ def incoming(instance: int, pixel_bytes: int = 0) -> Incoming:
                     sop_instance_uid=str(ds.SOPInstanceUID), buffer=bytearray(data))
 
 
-@pytest.mark.parametrize("processes", [0, 1], ids=["threads", "ingest-process"])
+@pytest.mark.parametrize("processes", [0, 1], ids=["no-ingest-processes", "one-ingest-process"])
 async def test_a_small_instance_costs_one_create_and_two_fsyncs(tmp_path: Path, calls, processes: int):
     archive = Archive(Settings(storage=StorageSettings(data_dir=tmp_path / "var", ingest_processes=processes)))
     await archive.open()
-    if processes:
-        await archive.processes.start()  # else the first instances are parsed in threads
     try:
         # The first instance creates the patient, study, series and the day/minute directories.
         assert (await archive.ingest.ingest(incoming(0))).status == Status.SUCCESS
@@ -80,11 +79,10 @@ async def test_a_small_instance_costs_one_create_and_two_fsyncs(tmp_path: Path, 
             outcome = await archive.ingest.ingest(sent)
             assert outcome.status == Status.SUCCESS and outcome.stored
             blob = str(archive.store.path(outcome.blob_key))
-            # Files: the blob itself, written in place, by an ingest process where there is
-            # one (the daemon then creates no file at all). The database's own files are
-            # opened once per connection, not per instance.
-            created = [("create", blob)] if processes == 0 else []
-            assert [c for c in calls if c[0] != "fsync"] == created, calls
+            # Files: the blob itself, written in place (one at a time, even with ingest
+            # processes, an instance is parsed and written by the daemon's thread). The
+            # database's own files are opened once per connection, not per instance.
+            assert [c for c in calls if c[0] != "fsync"] == [("create", blob)], calls
             with open(blob, "rb") as f:
                 assert f.read() == data
             fsyncs = [path for kind, path in calls if kind == "fsync"]
@@ -96,19 +94,21 @@ async def test_a_small_instance_costs_one_create_and_two_fsyncs(tmp_path: Path, 
 
 
 async def test_an_instance_too_large_to_carry_to_a_process_is_written_by_the_daemon(tmp_path: Path, calls):
-    """Above TRANSFER_LIMIT, an instance held in memory is not copied through a socket to
-    an ingest process: a thread of the daemon parses it and creates its blob."""
+    """Side by side with another, a small instance goes to an ingest process (the daemon
+    creates no file for it); above TRANSFER_LIMIT, one held in memory is not copied through
+    a socket: a thread of the daemon parses it and creates its blob."""
     archive = Archive(Settings(storage=StorageSettings(data_dir=tmp_path / "var", ingest_processes=1)))
     await archive.open()
     await archive.processes.start()
     try:
         assert (await archive.ingest.ingest(incoming(0))).status == Status.SUCCESS
-        for n, size, here in [(1, 1000, False), (2, TRANSFER_LIMIT, True), (3, 1000, False)]:
+        for n, size, here in [(1, 1000, False), (3, TRANSFER_LIMIT, True), (5, 1000, False)]:
             calls.clear()
-            outcome = await archive.ingest.ingest(incoming(n, pixel_bytes=size))
-            assert outcome.status == Status.SUCCESS and outcome.stored
-            blob = str(archive.store.path(outcome.blob_key))
+            # The first of each pair is alone when it arrives; the second is not.
+            first, second = await asyncio.gather(archive.ingest.ingest(incoming(n + 1)),
+                                                 archive.ingest.ingest(incoming(n, pixel_bytes=size)))
+            assert first.stored and second.stored
+            blob = str(archive.store.path(second.blob_key))
             assert (("create", blob) in calls) == here, (n, calls)
     finally:
         await archive.close()
-
