@@ -46,22 +46,20 @@ N-ACTION failure statuses (PS3.7 C.5, among those PS3.7 10.1.4.1.10 allows for N
   A Transaction UID whose earlier transaction was already reported or expired is taken as a
   new transaction (logged), since its old one is finished.
 
-Instances named by a pending transaction must not be deleted: `has_pending_commitment`.
+Instances named by a pending transaction must not be deleted: `has_pending_commitment`
+(pacsd/index/commitments.py, with the rest of the transactions' reads and writes).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
-from typing import Any, Iterable
+from datetime import timedelta
+from typing import Any
 
 import sqlalchemy as sa
 import structlog
 from pydicom import Dataset
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from pacsd.dimse.assembler import Message
 from pacsd.dimse.command import CommandField
@@ -69,7 +67,18 @@ from pacsd.dimse.identifier import IdentifierError, decode_identifier, encode_id
 from pacsd.dimse.status import Status, category, describe
 from pacsd.dul.machine import State
 from pacsd.dul.negotiation import ProposedContext
-from pacsd.index.schema import commitment_transactions as ct
+from pacsd.index.commitments import (
+    DELIVERED,
+    EXPIRED,
+    Transaction,
+    claim,
+    due,
+    next_due,
+    record,
+    resume,
+    update,
+)
+from pacsd.index.commitments import now as _now
 from pacsd.index.schema import instances
 from pacsd.net.association import Association, AssociationError, AssociationRejected
 from pacsd.net.commitscu import (  # noqa: F401 (re-exported: the SOP class's constants)
@@ -88,8 +97,6 @@ from pacsd.uid import uid_problem
 
 log = structlog.get_logger("pacsd.commitment")
 
-PENDING, DELIVERED, EXPIRED = "pending", "delivered", "expired"
-
 # Reports being delivered at once by the retry task.
 MAX_CONCURRENT = 8
 # Longest sleep of the retry task: rows written by another process are seen then.
@@ -98,15 +105,6 @@ IDLE_POLL = 30.0
 _LOOKUP_CHUNK = 500
 # Action Information larger than this is decoded in a worker thread.
 _DECODE_INLINE = 64 * 1024
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def _aware(value: datetime) -> datetime:
-    """SQLite hands DateTime columns back without a zone; pacsd writes them in UTC."""
-    return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
 
 
 class ActionError(Exception):
@@ -148,125 +146,6 @@ def parse_action(ds: Dataset) -> tuple[str, list[tuple[str, str]]]:
                 raise ActionError(Status.INVALID_ARGUMENT_VALUE, f"item {number}: {problem}")
         refs.append((str(sop_class), str(sop_instance)))
     return transaction, refs
-
-
-# --- the index --------------------------------------------------------------------------
-
-
-@dataclass
-class Transaction:
-    pk: int
-    transaction_uid: str
-    calling_ae: str
-    requested: list[tuple[str, str]]
-    result: dict[str, list] | None
-    attempts: int  # the row's generation: every attempt's outcome adds one
-    created_at: datetime
-    next_attempt_at: Any = None  # as read (compared when claiming the row)
-
-    @classmethod
-    def of(cls, row) -> "Transaction":
-        return cls(row.pk, row.transaction_uid, row.calling_ae,
-                   [tuple(r) for r in json.loads(row.requested)],
-                   json.loads(row.result) if row.result else None,
-                   row.attempts, _aware(row.created_at), row.next_attempt_at)
-
-
-async def record(engine: AsyncEngine, transaction_uid: str, calling_ae: str,
-                 refs: list[tuple[str, str]], lease: float) -> Transaction | None:
-    """Write a new pending transaction and commit it; None if that UID is already pending.
-
-    Its first attempt is the caller's: the row is claimed for `lease` seconds (it is due
-    then, should this process die before the attempt ends and nothing else pick it up).
-
-    The insert comes first in its transaction (no read before it), so on SQLite it waits
-    for the write lock instead of failing on a stale read snapshot.
-    """
-    now = _now()
-    values = {
-        "calling_ae": calling_ae[:16], "requested": json.dumps(refs), "result": None,
-        "state": PENDING, "attempts": 0, "next_attempt_at": now + timedelta(seconds=lease),
-        "last_error": "", "created_at": now, "updated_at": now,
-    }
-    try:
-        async with engine.begin() as conn:
-            pk = (await conn.execute(
-                sa.insert(ct).values(transaction_uid=transaction_uid, **values).returning(ct.c.pk)
-            )).scalar_one()
-    except IntegrityError:
-        # Known UID: take it over only if its transaction is finished (reported or expired).
-        async with engine.begin() as conn:
-            done = await conn.execute(
-                sa.update(ct).where(ct.c.transaction_uid == transaction_uid, ct.c.state != PENDING)
-                .values(**values).returning(ct.c.pk)
-            )
-            pk = done.scalar_one_or_none()
-        if pk is None:
-            return None
-        log.warning("commitment.transaction_reused", transaction_uid=transaction_uid,
-                    calling_ae=calling_ae)
-    return Transaction(pk, transaction_uid, calling_ae, list(refs), None, 0, now)
-
-
-async def _update(engine: AsyncEngine, tx: Transaction, **values: Any) -> bool:
-    """Change the row if it is still pending at the generation `tx` has; False otherwise."""
-    async with engine.begin() as conn:
-        done = await conn.execute(
-            sa.update(ct).where(ct.c.pk == tx.pk, ct.c.state == PENDING, ct.c.attempts == tx.attempts)
-            .values(updated_at=_now(), **values)
-        )
-    return done.rowcount > 0
-
-
-async def claim(engine: AsyncEngine, tx: Transaction, lease: float) -> bool:
-    """Take a due row for one attempt: only if nobody changed it since it was read (a stale
-    read, or another pacsd on the same index), pushing its next attempt `lease` seconds out."""
-    async with engine.begin() as conn:
-        done = await conn.execute(
-            sa.update(ct).where(ct.c.pk == tx.pk, ct.c.state == PENDING, ct.c.attempts == tx.attempts,
-                                ct.c.next_attempt_at == tx.next_attempt_at)
-            .values(next_attempt_at=_now() + timedelta(seconds=lease), updated_at=_now())
-        )
-    return done.rowcount > 0
-
-
-async def resume(engine: AsyncEngine) -> int:
-    """At start: every report a previous run left pending is due now (also those whose
-    attempt it was in the middle of); returns how many there are."""
-    async with engine.begin() as conn:
-        done = await conn.execute(
-            sa.update(ct).where(ct.c.state == PENDING).values(next_attempt_at=_now()))
-    return done.rowcount
-
-
-async def due(engine: AsyncEngine, until: datetime, limit: int) -> list[Transaction]:
-    """Pending transactions whose next attempt is due by `until`, earliest first."""
-    query = (sa.select(ct).where(ct.c.state == PENDING, ct.c.next_attempt_at <= until)
-             .order_by(ct.c.next_attempt_at).limit(limit))
-    async with engine.connect() as conn:
-        return [Transaction.of(row) for row in await conn.execute(query)]
-
-
-async def next_due(engine: AsyncEngine) -> datetime | None:
-    async with engine.connect() as conn:
-        value = (await conn.execute(
-            sa.select(sa.func.min(ct.c.next_attempt_at)).where(ct.c.state == PENDING)
-        )).scalar()
-    return _aware(value) if value is not None else None
-
-
-async def has_pending_commitment(engine: AsyncEngine, sop_instance_uids: Iterable[str]) -> set[str]:
-    """Which of these SOP Instance UIDs a pending commitment transaction names: those must
-    not be deleted (pacsd has promised, or is about to promise, to keep them)."""
-    wanted = set(sop_instance_uids)
-    found: set[str] = set()
-    if not wanted:
-        return found
-    async with engine.connect() as conn:
-        rows = await conn.execute(sa.select(ct.c.requested).where(ct.c.state == PENDING))
-        for (requested,) in rows:
-            found.update(uid for _, uid in json.loads(requested) if uid in wanted)
-    return found
 
 
 # --- the check ----------------------------------------------------------------------------
@@ -452,7 +331,7 @@ class CommitmentSCP:
         if tx.result is not None:
             return
         result = await check(self.archive, tx.requested, self.supported, tx.transaction_uid)
-        if not await _update(self.archive.engine, tx, result=json.dumps(result)):
+        if not await update(self.archive.engine, tx, result=json.dumps(result)):
             raise _Superseded()
         tx.result = result
         log.info("commitment.checked", transaction_uid=tx.transaction_uid, calling_ae=tx.calling_ae,
@@ -463,7 +342,7 @@ class CommitmentSCP:
         """One delivery attempt; the row ends delivered, or pending with its next attempt set."""
         now = _now()
         if now >= tx.created_at + timedelta(seconds=self.config.expire_seconds):
-            if await _update(self.archive.engine, tx, state=EXPIRED):
+            if await update(self.archive.engine, tx, state=EXPIRED):
                 log.error("commitment.expired", transaction_uid=tx.transaction_uid,
                           calling_ae=tx.calling_ae, attempts=tx.attempts,
                           created_at=tx.created_at.isoformat())
@@ -486,7 +365,7 @@ class CommitmentSCP:
             except Undelivered as exc:
                 errors.append(str(exc))
         if via is not None:
-            await _update(self.archive.engine, tx, state=DELIVERED, attempts=attempt, last_error="")
+            await update(self.archive.engine, tx, state=DELIVERED, attempts=attempt, last_error="")
             tx.attempts = attempt
             log.info("commitment.report_sent", via=via, committed=len(tx.result["success"]),
                      failed=len(tx.result["failed"]), **fields)
@@ -496,7 +375,7 @@ class CommitmentSCP:
         next_at = min(failed_at + timedelta(seconds=delay),
                       tx.created_at + timedelta(seconds=self.config.expire_seconds))
         error = "; ".join(errors)
-        await _update(self.archive.engine, tx, attempts=attempt, next_attempt_at=next_at,
+        await update(self.archive.engine, tx, attempts=attempt, next_attempt_at=next_at,
                       last_error=error[:2000])
         tx.attempts = attempt
         log.warning("commitment.report_failed", error=error,

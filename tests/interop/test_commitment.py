@@ -405,7 +405,7 @@ def test_malformed_requests_are_refused(archive, case, expected, words):
 
 def _has_pending(data_dir: Path, uids: list[str]) -> set[str]:
     from pacsd.index.db import create_engine
-    from pacsd.services.commitment import has_pending_commitment
+    from pacsd.index.commitments import has_pending_commitment
 
     async def run() -> set[str]:
         engine = create_engine(f"sqlite+aiosqlite:///{data_dir}/index.db")
