@@ -30,8 +30,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from pacsd.index.db import create_engine, ensure_schema  # noqa: E402
-from pacsd.index.levels import rows  # noqa: E402
-from pacsd.index.writer import IndexRecord, IndexWriter  # noqa: E402
+from pacsd.index.levels import IndexRecord, rows  # noqa: E402
+from pacsd.index.writer import IndexWriter  # noqa: E402
 from pacsd.ingest.dataset import read_header  # noqa: E402
 from pacsd.net.storescu import read_part10  # noqa: E402
 from pacsd.store.filetree import FileTreeBlobStore  # noqa: E402

@@ -20,7 +20,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from pacsd.index.db import sync_engine_for
-from pacsd.index.levels import IndexRecord, LevelRows  # noqa: F401  (IndexRecord: also importable from here)
+from pacsd.index.levels import IndexRecord, LevelRows
 from pacsd.index.schema import instances, patients, series, studies
 from pacsd.store.blobstore import BlobStore
 

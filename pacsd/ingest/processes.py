@@ -36,6 +36,7 @@ from concurrent.futures import Executor
 import structlog
 
 from pacsd.index.levels import IndexRecord
+from pacsd.ingest.pipeline import Rejected, prepare
 from pacsd.ingest.worker import FAILED, LENGTH, OK, OS_ERROR, READY, REJECTED, frame
 from pacsd.store.filetree import FileTreeBlobStore
 
@@ -146,8 +147,6 @@ class IngestProcesses:
     async def prepare(self, incoming) -> IndexRecord:
         """`pipeline.prepare` in an ingest process (in a thread while none is ready): the
         IndexRecord, or the same Rejected or OSError it would raise."""
-        from pacsd.ingest.pipeline import Rejected, prepare
-
         loop = asyncio.get_running_loop()
         store = self.store
         key = store.new_key()

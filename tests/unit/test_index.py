@@ -30,9 +30,9 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pacsd.index import writer as writer_module
 from pacsd.index.db import (SchemaOutOfDate, create_engine, current_revision, ensure_schema,
                             head_revision, upgrade)
-from pacsd.index.levels import rows
+from pacsd.index.levels import IndexRecord, rows
 from pacsd.index.schema import instances, metadata, patients, series, studies
-from pacsd.index.writer import MAX_GROUP, IndexRecord, IndexWriter, WriteOutcome, recount
+from pacsd.index.writer import MAX_GROUP, IndexWriter, WriteOutcome, recount
 from pacsd.store.filetree import FileTreeBlobStore
 from tests.dbfixtures import FOREIGN_TABLE, engine, index_url  # noqa: F401  (pytest fixtures)
 

@@ -22,10 +22,10 @@ import sqlalchemy as sa
 from pydicom import Dataset
 
 from pacsd.dimse.status import Status
-from pacsd.index.levels import rows
+from pacsd.index.levels import IndexRecord, rows
 from pacsd.index.reader import reader_for
 from pacsd.index.query import Key, Query, QueryError, find, keys_from_dataset, parse_range, set_character_set
-from pacsd.index.writer import IndexRecord, IndexWriter
+from pacsd.index.writer import IndexWriter
 from pacsd.services.qr_find import (PATIENT_ROOT_FIND, STUDY_ROOT_FIND, IdentifierError, decode_identifier,
                                     encode_identifier, parse_request, unique_keys)
 from tests.dbfixtures import engine, index_url  # noqa: F401  (pytest fixtures)
