@@ -161,10 +161,24 @@ def tls_client_hello() -> bytes:
 # --- talking to the daemon --------------------------------------------------------------
 
 
+# Client ports each daemon has seen from these tests (by the daemon's port).
+_USED_PORTS: dict[int, set[int]] = {}
+
+
 def connect(pacs: Daemon) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", pacs.port), timeout=5)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
+    """A connection from a local port this daemon has not seen from us before: tests find
+    their log events by peer address, and the kernel does hand out a port again after a few
+    hundred connections (a second association.protocol_error from "the same" peer)."""
+    used = _USED_PORTS.setdefault(pacs.port, set())
+    for _ in range(50):
+        sock = socket.create_connection(("127.0.0.1", pacs.port), timeout=5)
+        port = sock.getsockname()[1]
+        if port not in used:
+            used.add(port)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return sock
+        sock.close()
+    raise AssertionError("the kernel kept handing out local ports this daemon has seen")
 
 
 def peer_of(sock: socket.socket) -> str:
