@@ -1,10 +1,11 @@
 """The one ingest pipeline (C-STORE now; import, and later STOW-RS, reuse it).
 
-    spool file (Part 10 header + data set as received)
+    spool file or memory (Part 10 header + data set as received)
+      → a small instance in memory: written to its blob, writeback started
       → check the data set's structure to its last byte, read the header up to Pixel Data
       → validate (UIDs well-formed, equal to what the command said, hierarchy present)
-      → SHA-256, fsync, rename into the blob store            [executor thread]
-      → index writer: directory fsync + group commit          [one writer]
+      → a spooled instance: SHA-256, linked into the blob store   [executor thread]
+      → index writer: blob and directory fsyncs + group commit    [one writer]
       → the status for the sender
 
 A failure at any step removes what that step left behind: no half-written blob, no row
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from pacsd.dimse.status import Status
-from pacsd.index.levels import IndexRecord, rows
+from pacsd.index.levels import IndexRecord, LevelRows, rows
 from pacsd.ingest.dataset import DataSetError, read_header
 from pacsd.store.blobstore import BlobStore, sha256_of
 from pacsd.uid import uid_problem
@@ -154,30 +155,22 @@ def prepare(incoming: Incoming, store: BlobStore, key: str | None = None) -> Ind
     """Everything before the index: in an executor thread, or in an ingest process
     (ingest/processes.py), which is given the blob's key."""
     offset, ts, buffer = incoming.dataset_offset, incoming.transfer_syntax, incoming.buffer
-    # A small instance is still in memory: parse it there, and write the file only once
-    # it passed (a refused instance never touches the disk).
-    source = io.BytesIO(buffer) if buffer is not None else incoming.path
-    try:
-        # One walk: the header for the index, and the whole data set checked to its end.
-        ds, _pixel_offset = read_header(source, offset, ts, whole=True)
-    except DataSetError as exc:
-        raise Rejected(Status.CANNOT_UNDERSTAND, f"data set cannot be parsed: {exc}") from None
-    except OSError:
-        raise
-    except Exception as exc:  # pydicom raises many kinds on bad values
-        raise Rejected(Status.CANNOT_UNDERSTAND, f"data set cannot be parsed: {exc}") from None
-    _validate(ds, incoming)
-    try:
-        level_rows = rows(ds)
-    except Exception as exc:
-        raise Rejected(Status.CANNOT_UNDERSTAND, f"attribute values cannot be decoded: {exc}") from None
     if key is None:
         key = store.new_key()
     if buffer is not None:
-        # Straight to its place in the store: no spool file to write, link and remove.
+        # A small instance still in memory goes straight to its place in the store (no
+        # spool file to write, link and remove), and before the parse: the store starts
+        # writing its data to disk as it places it, so that writing runs while this thread
+        # parses and the fsync before the index commit finds it done.
         digest = incoming.sha256 or hashlib.sha256(buffer).hexdigest()
         stored_size = store.put_bytes(key, buffer)
+        try:
+            level_rows = _checked_rows(io.BytesIO(buffer), incoming)
+        except BaseException:
+            store.delete(key)  # refused: no blob without its row
+            raise
     else:
+        level_rows = _checked_rows(incoming.path, incoming)
         if (digest := incoming.sha256) is None:
             with open(incoming.path, "rb", buffering=0) as f:
                 digest = sha256_of(f)
@@ -191,6 +184,24 @@ def prepare(incoming: Incoming, store: BlobStore, key: str | None = None) -> Ind
         transfer_syntax_uid=ts,
         calling_ae=incoming.calling_ae,
     )
+
+
+def _checked_rows(source, incoming: Incoming) -> LevelRows:
+    """The index rows of a data set checked to its last byte and validated, or Rejected."""
+    try:
+        # One walk: the header for the index, and the whole data set checked to its end.
+        ds, _pixel_offset = read_header(source, incoming.dataset_offset, incoming.transfer_syntax, whole=True)
+    except DataSetError as exc:
+        raise Rejected(Status.CANNOT_UNDERSTAND, f"data set cannot be parsed: {exc}") from None
+    except OSError:
+        raise
+    except Exception as exc:  # pydicom raises many kinds on bad values
+        raise Rejected(Status.CANNOT_UNDERSTAND, f"data set cannot be parsed: {exc}") from None
+    _validate(ds, incoming)
+    try:
+        return rows(ds)
+    except Exception as exc:
+        raise Rejected(Status.CANNOT_UNDERSTAND, f"attribute values cannot be decoded: {exc}") from None
 
 
 def _validate(ds, incoming: Incoming) -> None:

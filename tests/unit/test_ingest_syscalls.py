@@ -1,10 +1,11 @@
 """The ingest hot path's file-system calls per instance, counted (not timed).
 
 A small C-STORE arrives in memory. The pipeline writes it straight to its blob, with no
-spool file, link or unlink, and fsyncs nothing itself. The index writer fsyncs the group's
-blobs and their directory beside its statements, before the commit. Each of these calls
-costs the sender time on every instance, so a change that adds one should fail here, on
-any machine, not show up as a few percent in bench/.
+spool file, link or unlink, starts the blob's writeback (sync_file_range, on Linux) and
+fsyncs nothing itself. The index writer fsyncs the group's blobs and their directory
+beside its statements, before the commit. Each of these calls costs the sender time on
+every instance, so a change that adds one should fail here, on any machine, not show up as
+a few percent in bench/.
 """
 
 from __future__ import annotations
@@ -20,15 +21,21 @@ from pacsd.config import Settings, StorageSettings
 from pacsd.dimse.status import Status
 from pacsd.ingest.pipeline import Incoming
 from pacsd.ingest.processes import TRANSFER_LIMIT
+from pacsd.store import filetree
 from tests.unit.test_index import make_dataset, part10
 
 
 @pytest.fixture
 def calls(monkeypatch):
-    """(call, path) for every os.open that creates a file, fsync, link and unlink; the real
-    calls still run."""
+    """(call, path) for every os.open that creates a file, fsync, link, unlink and the
+    writeback the blob store starts; the real calls still run."""
     seen: list[tuple[str, str]] = []
     real_open, real_fsync, real_link, real_unlink = os.open, os.fsync, os.link, os.unlink
+    real_writeback = filetree._SYNC_FILE_RANGE
+
+    def writeback(fd, offset, nbytes, flags):
+        seen.append(("writeback", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_writeback(fd, offset, nbytes, flags)
 
     def opening(path, flags, *args, **kwargs):
         if flags & os.O_CREAT:
@@ -51,7 +58,13 @@ def calls(monkeypatch):
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "link", link)
     monkeypatch.setattr(os, "unlink", unlink)
+    if real_writeback is not None:
+        monkeypatch.setattr(filetree, "_SYNC_FILE_RANGE", writeback)
     return seen
+
+
+# Where the blob store can start a writeback without waiting (Linux), it does for each blob.
+WRITEBACK = filetree._SYNC_FILE_RANGE is not None
 
 
 def incoming(instance: int, pixel_bytes: int = 0) -> Incoming:
@@ -80,15 +93,37 @@ async def test_a_small_instance_costs_one_create_and_two_fsyncs(tmp_path: Path, 
             assert outcome.status == Status.SUCCESS and outcome.stored
             blob = str(archive.store.path(outcome.blob_key))
             # Files: the blob itself, written in place (one at a time, even with ingest
-            # processes, an instance is parsed and written by the daemon's thread). The
-            # database's own files are opened once per connection, not per instance.
-            assert [c for c in calls if c[0] != "fsync"] == [("create", blob)], calls
+            # processes, an instance is parsed and written by the daemon's thread), its data
+            # sent on its way to the disk at once. The database's own files are opened once
+            # per connection, not per instance.
+            expected = [("create", blob)] + [("writeback", blob)] * WRITEBACK
+            assert [c for c in calls if c[0] != "fsync"] == expected, calls
             with open(blob, "rb") as f:
                 assert f.read() == data
             fsyncs = [path for kind, path in calls if kind == "fsync"]
             # Its data, then its directory entry (the minute directory is known durable).
             assert fsyncs == [blob, os.path.dirname(blob)], fsyncs
             assert all(path.startswith(blobs) for path in fsyncs)
+    finally:
+        await archive.close()
+
+
+async def test_a_refused_instance_leaves_no_blob(tmp_path: Path, calls):
+    """A small instance is written before it is parsed (its writeback then runs during the
+    parse); one the parse refuses is removed again, and nothing is indexed."""
+    archive = Archive(Settings(storage=StorageSettings(data_dir=tmp_path / "var", ingest_processes=0)))
+    await archive.open()
+    try:
+        assert (await archive.ingest.ingest(incoming(0))).status == Status.SUCCESS
+        calls.clear()
+        sent = incoming(1)
+        del sent.buffer[-3:]  # the data set now ends inside its last element's value
+        outcome = await archive.ingest.ingest(sent)
+        assert outcome.status == Status.CANNOT_UNDERSTAND and not outcome.stored, outcome
+        assert outcome.comment.startswith("data set cannot be parsed"), outcome.comment
+        [created] = [path for kind, path in calls if kind == "create"]
+        assert ("unlink", created) in calls and not os.path.exists(created), calls
+        assert len(list(archive.store.iter_keys())) == 1  # the first instance's
     finally:
         await archive.close()
 
