@@ -227,3 +227,12 @@ class IndexRecord:
     calling_ae: str
     future: asyncio.Future = field(default=None, repr=False)  # type: ignore[assignment]
 
+
+class IndexNotWritten(Exception):
+    """IndexWriter.prepare_and_commit: the record was prepared (its blob placed) but its
+    group did not commit; `cause` says why."""
+
+    def __init__(self, record: IndexRecord, cause: Exception) -> None:
+        super().__init__(repr(cause))
+        self.record = record
+        self.cause = cause

@@ -147,3 +147,68 @@ async def test_an_instance_too_large_to_carry_to_a_process_is_written_by_the_dae
             assert (("create", blob) in calls) == here, (n, calls)
     finally:
         await archive.close()
+
+
+def count_jobs(monkeypatch, executor) -> list[str]:
+    """The name of every function handed to `executor` from now on."""
+    jobs: list[str] = []
+    real_submit = executor.submit
+
+    def submit(fn, *args, **kwargs):
+        jobs.append(getattr(fn, "__name__", repr(fn)))
+        return real_submit(fn, *args, **kwargs)
+
+    monkeypatch.setattr(executor, "submit", submit)
+    return jobs
+
+
+async def test_an_instance_alone_is_parsed_and_committed_in_one_job(tmp_path: Path, monkeypatch):
+    """One instance at a time (one modality sending): its parse and its commit are one job
+    of the index writer's thread, no worker thread in between, which would add two thread
+    hops to every exchange. Side by side, instances are parsed in worker threads again."""
+    archive = Archive(Settings(storage=StorageSettings(data_dir=tmp_path / "var", ingest_processes=0)))
+    await archive.open()
+    try:
+        assert (await archive.ingest.ingest(incoming(0))).stored  # opens the database thread
+        database = count_jobs(monkeypatch, archive.writer._database_thread())
+        workers = count_jobs(monkeypatch, archive.executor)
+        for n in range(1, 4):
+            assert (await archive.ingest.ingest(incoming(n))).stored
+        assert database == ["_prepare_and_commit_in_thread"] * 3 and workers == [], (database, workers)
+        database.clear()
+        outcomes = await asyncio.gather(*(archive.ingest.ingest(incoming(n)) for n in range(4, 7)))
+        assert all(outcome.stored for outcome in outcomes)
+        # The first was alone when it arrived; the two that came while it was in flight
+        # were parsed in worker threads, and committed by the writer.
+        assert workers == ["prepare"] * 2, workers
+        assert database.count("_prepare_and_commit_in_thread") == 1, database
+        # Right after instances came side by side, the next one alone still takes the
+        # worker thread: more are likely on their way.
+        workers.clear()
+        assert (await archive.ingest.ingest(incoming(7))).stored
+        assert workers == ["prepare"], workers
+    finally:
+        await archive.close()
+
+
+async def test_a_failed_commit_of_an_instance_alone_leaves_no_blob(tmp_path: Path):
+    """Parsed and committed in one job, an instance whose commit fails is answered A700
+    (never a success) and its blob, placed before the commit, is removed."""
+    archive = Archive(Settings(storage=StorageSettings(data_dir=tmp_path / "var", ingest_processes=0)))
+    await archive.open()
+    try:
+        assert (await archive.ingest.ingest(incoming(0))).stored
+
+        def failing(conn, study_uids, now):
+            raise RuntimeError("the transaction fails here")
+
+        archive.writer.in_transaction = failing
+        outcome = await archive.ingest.ingest(incoming(1))
+        assert outcome.status == Status.OUT_OF_RESOURCES and not outcome.stored, outcome
+        assert outcome.comment == "index write failed: RuntimeError", outcome.comment
+        assert len(list(archive.store.iter_keys())) == 1  # the first instance's
+        archive.writer.in_transaction = None
+        again = await archive.ingest.ingest(incoming(1))
+        assert again.stored and len(list(archive.store.iter_keys())) == 2
+    finally:
+        await archive.close()
