@@ -14,9 +14,7 @@ per instance (all its processes: the daemon and any ingest process).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -25,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import corpus as corpus_mod  # noqa: E402
-from servers import Pacsd, storescu  # noqa: E402
+from servers import REPOSITORY, Pacsd, pacsd_from, storescu, worktree  # noqa: E402
 
 ROWS = {
     "small": ("2,000 CT 64x64, 1 association", corpus_mod.write_small, 1),
@@ -34,24 +32,13 @@ ROWS = {
 }
 
 
-def run_once(work: Path, files: list[Path], associations: int, pythonpath: str | None) -> tuple[float, float]:
+def run_once(work: Path, files: list[Path], associations: int, tree: Path | None) -> tuple[float, float]:
     """(instances/s, server CPU ms per instance) of one fresh server."""
-    saved = os.environ.get("PYTHONPATH")
-    if pythonpath is None:
-        os.environ.pop("PYTHONPATH", None)
-    else:
-        os.environ["PYTHONPATH"] = pythonpath
-    try:
-        with Pacsd(work) as server:
-            cpu = server.cpu_seconds()
-            chunks = [files[i::associations] for i in range(associations)]
-            seconds, failures = storescu(server, chunks)
-            cpu = server.cpu_seconds() - cpu
-    finally:
-        if saved is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = saved
+    with pacsd_from(tree), Pacsd(work) as server:
+        cpu = server.cpu_seconds()
+        chunks = [files[i::associations] for i in range(associations)]
+        seconds, failures = storescu(server, chunks)
+        cpu = server.cpu_seconds() - cpu
     if failures:
         raise SystemExit(f"{failures} instances failed; see {work}")
     return len(files) / seconds, cpu / len(files) * 1000
@@ -67,26 +54,20 @@ def main() -> None:
     args = parser.parse_args()
     title, write, associations = ROWS[args.row]
     files = write(args.corpus)
-    repo = HERE.parent
-    with tempfile.TemporaryDirectory(prefix="pacsd-ab-") as scratch:
-        base = Path(scratch) / "base"
-        subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", "--quiet", str(base), args.base],
-                       check=True)
-        try:
-            print(f"{title}: A = {args.base}, B = this tree ({repo}); instances/s, server CPU ms per instance")
-            rates: dict[str, list[float]] = {"A": [], "B": []}
-            faster = 0
-            for pair in range(1, args.pairs + 1):
-                a = run_once(Path(scratch) / "work", files, associations, str(base))
-                b = run_once(Path(scratch) / "work", files, associations, None)
-                rates["A"].append(a[0])
-                rates["B"].append(b[0])
-                faster += b[0] > a[0]
-                print(f"  pair {pair}: A {a[0]:7.1f}/s {a[1]:5.2f} ms   B {b[0]:7.1f}/s {b[1]:5.2f} ms", flush=True)
-            print(f"B faster in {faster} of {args.pairs} pairs; median A {statistics.median(rates['A']):.1f}/s, "
-                  f"B {statistics.median(rates['B']):.1f}/s")
-        finally:
-            subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(base)], check=False)
+    with tempfile.TemporaryDirectory(prefix="pacsd-ab-") as scratch, \
+            worktree(args.base, Path(scratch) / "base") as base:
+        print(f"{title}: A = {args.base}, B = this tree ({REPOSITORY}); instances/s, server CPU ms per instance")
+        rates: dict[str, list[float]] = {"A": [], "B": []}
+        faster = 0
+        for pair in range(1, args.pairs + 1):
+            a = run_once(Path(scratch) / "work", files, associations, base)
+            b = run_once(Path(scratch) / "work", files, associations, None)
+            rates["A"].append(a[0])
+            rates["B"].append(b[0])
+            faster += b[0] > a[0]
+            print(f"  pair {pair}: A {a[0]:7.1f}/s {a[1]:5.2f} ms   B {b[0]:7.1f}/s {b[1]:5.2f} ms", flush=True)
+        print(f"B faster in {faster} of {args.pairs} pairs; median A {statistics.median(rates['A']):.1f}/s, "
+              f"B {statistics.median(rates['B']):.1f}/s")
 
 
 if __name__ == "__main__":

@@ -29,12 +29,11 @@ import argparse
 import atexit
 import functools
 import inspect
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -132,8 +131,8 @@ def steps(timeline: Path) -> dict[str, float]:
     return out
 
 
-def run(files: list[Path], work: Path, pythonpath: str | None) -> tuple[dict[str, float], float]:
-    from servers import Pacsd, storescu
+def run(files: list[Path], work: Path, tree: Path | None) -> tuple[dict[str, float], float]:
+    from servers import Pacsd, pacsd_from, storescu
 
     timeline = work / "timeline.txt"
 
@@ -142,19 +141,8 @@ def run(files: list[Path], work: Path, pythonpath: str | None) -> tuple[dict[str
             args, env = super().command()
             return [sys.executable, str(Path(__file__).resolve()), "--serve", str(timeline)], env
 
-    saved = os.environ.get("PYTHONPATH")
-    if pythonpath:
-        os.environ["PYTHONPATH"] = pythonpath
-    else:
-        os.environ.pop("PYTHONPATH", None)
-    try:
-        with TimedPacsd(work) as server:
-            seconds, failures = storescu(server, [files])
-    finally:
-        if saved is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = saved
+    with pacsd_from(tree), TimedPacsd(work) as server:
+        seconds, failures = storescu(server, [files])
     if failures:
         raise SystemExit(f"{failures} instances failed; see {work}")
     return steps(timeline), len(files) / seconds
@@ -173,29 +161,23 @@ def main() -> None:
         return
     import corpus as corpus_mod
 
+    from servers import worktree
+
     files = (corpus_mod.write_small if args.row == "small" else corpus_mod.write_ct512)(args.corpus)
-    repo = HERE.parent
-    with tempfile.TemporaryDirectory(prefix="pacsd-exchange-") as scratch:
-        sides: list[tuple[str, str | None]] = []
+    with tempfile.TemporaryDirectory(prefix="pacsd-exchange-") as scratch, ExitStack() as stack:
+        sides: list[tuple[str, Path | None]] = []
         if args.base:
-            base = Path(scratch) / "base"
-            subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", "--quiet", str(base), args.base],
-                           check=True)
-            sides.append((args.base, str(base)))
+            sides.append((args.base, stack.enter_context(worktree(args.base, Path(scratch) / "base"))))
         sides.append(("this tree", None))
-        try:
-            # Alternating, so that both sides see the same phases of the machine.
-            runs: dict[str, list[tuple[dict[str, float], float]]] = {label: [] for label, _ in sides}
-            for n in range(1, args.runs + 1):
-                for label, path in sides:
-                    result, rate = run(files, Path(scratch) / "work", path)
-                    runs[label].append((result, rate))
-                    print(f"  {label} run {n}: {rate:.0f} instances/s", flush=True)
-            columns = [(f"{label} #{n}", result, rate) for label, _ in sides
-                       for n, (result, rate) in enumerate(runs[label], 1)]
-        finally:
-            if args.base:
-                subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(base)], check=False)
+        # Alternating, so that both sides see the same phases of the machine.
+        runs: dict[str, list[tuple[dict[str, float], float]]] = {label: [] for label, _ in sides}
+        for n in range(1, args.runs + 1):
+            for label, tree in sides:
+                result, rate = run(files, Path(scratch) / "work", tree)
+                runs[label].append((result, rate))
+                print(f"  {label} run {n}: {rate:.0f} instances/s", flush=True)
+        columns = [(f"{label} #{n}", result, rate) for label, _ in sides
+                   for n, (result, rate) in enumerate(runs[label], 1)]
     print(f"\nmedian µs per exchange, {len(files)} instances over one association ({args.row})\n")
     print("| step | " + " | ".join(label for label, _, _ in columns) + " |")
     print("| --- |" + " --- |" * len(columns))

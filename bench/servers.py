@@ -15,7 +15,9 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 STORESCU = "/usr/bin/storescu"
 STORESCP = "/usr/bin/storescp"
@@ -270,3 +272,37 @@ def _retrieve(server: Server, tool: str, study_uid: str, options: list[str]) -> 
     seconds = time.perf_counter() - started
     (server.workdir / f"{Path(tool).name}-{server.name}.log").write_bytes(result.stdout + result.stderr)
     return seconds, result.returncode
+
+
+# --- an earlier commit of pacsd beside this tree (ab.py, exchange.py) -----------------------
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+
+@contextmanager
+def worktree(rev: str, where: Path) -> Iterator[Path]:
+    """This repository at `rev`, checked out at `where` while the block runs."""
+    subprocess.run(["git", "-C", str(REPOSITORY), "worktree", "add", "--detach", "--quiet", str(where), rev],
+                   check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["git", "-C", str(REPOSITORY), "worktree", "remove", "--force", str(where)], check=False)
+
+
+@contextmanager
+def pacsd_from(tree: Path | None) -> Iterator[None]:
+    """Servers started in the block run the pacsd of `tree` (first on their PYTHONPATH), or
+    with None the one installed in this virtualenv."""
+    saved = os.environ.get("PYTHONPATH")
+    if tree is None:
+        os.environ.pop("PYTHONPATH", None)
+    else:
+        os.environ["PYTHONPATH"] = str(tree)
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
