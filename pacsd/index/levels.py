@@ -226,6 +226,8 @@ class IndexRecord:
     transfer_syntax_uid: str
     calling_ae: str
     future: asyncio.Future = field(default=None, repr=False)  # type: ignore[assignment]
+    # The blob's fsyncs (store/syncer.py Synced), started when the writer receives it.
+    synced: Any = field(default=None, repr=False)
 
 
 class IndexNotWritten(Exception):

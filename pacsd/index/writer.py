@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict, namedtuple
 from concurrent.futures import Executor, ThreadPoolExecutor
-from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable
@@ -23,6 +22,7 @@ from pacsd.index.db import sync_engine_for
 from pacsd.index.levels import IndexNotWritten, IndexRecord, LevelRows
 from pacsd.index.schema import instances, patients, series, studies
 from pacsd.store.blobstore import BlobStore
+from pacsd.store.syncer import BlobSyncer
 
 log = structlog.get_logger("pacsd.index")
 
@@ -228,7 +228,7 @@ class IndexWriter:
         self._sync_engine = sync_engine_for(engine)
         self._db_thread: ThreadPoolExecutor | None = None
         self._conn: sa.Connection | None = None  # the SQLite writer's, used in _db_thread only
-        self._fsync_thread: ThreadPoolExecutor | None = None
+        self._syncer: BlobSyncer | None = None
         # Optional hooks (the IAN outbox uses both). in_transaction(conn, study_uids, now) runs
         # inside each group's transaction, in the database thread, with the studies that got
         # instances; an exception there fails the group. on_committed(study_uids) runs on the
@@ -249,12 +249,14 @@ class IndexWriter:
             self._db_thread.submit(self._sync_engine.dispose).result()
             self._db_thread.shutdown(wait=True)
             self._db_thread = None
-        if self._fsync_thread is not None:
-            self._fsync_thread.shutdown(wait=True)
-            self._fsync_thread = None
+        if self._syncer is not None:
+            self._syncer.close()
+            self._syncer = None
 
     async def submit(self, record: IndexRecord) -> WriteOutcome:
         record.future = asyncio.get_running_loop().create_future()
+        # Its fsyncs begin now, while earlier groups commit; its group's commit waits for them.
+        record.synced = self._blob_syncer().start([record.blob_key])
         await self._queue.put(record)
         return await record.future
 
@@ -338,8 +340,9 @@ class IndexWriter:
 
     def _prepare_and_commit_in_thread(self, prepare: Callable[[], IndexRecord]):
         record = prepare()
+        record.synced = self._blob_syncer().start([record.blob_key])
         try:
-            outcomes, remember = self._commit_in_thread([record.blob_key], [record])
+            outcomes, remember = self._commit_in_thread([record])
         except Exception as exc:
             raise IndexNotWritten(record, exc) from exc
         return record, outcomes, remember
@@ -352,26 +355,27 @@ class IndexWriter:
         return self._db_thread
 
     async def _commit(self, group: list[IndexRecord]) -> list[WriteOutcome]:
-        keys = [r.blob_key for r in group]
         if self._sync_engine is not None:
             outcomes, remember = await asyncio.get_running_loop().run_in_executor(
-                self._database_thread(), self._commit_in_thread, keys, group)
+                self._database_thread(), self._commit_in_thread, group)
         else:
-            # The renames into blobs/ must be durable before the rows that point at them.
-            await asyncio.get_running_loop().run_in_executor(self.executor, self.store.sync, keys)
-            async with self.engine.begin() as conn:
-                outcomes, remember = await conn.run_sync(self._commit_sync, group)
+            try:
+                async with self.engine.begin() as conn:
+                    outcomes, remember = await conn.run_sync(self._commit_sync, group)
+                    # The blobs must be durable before the rows that point at them: an
+                    # fsync error here rolls the group back.
+                    for record in group:
+                        await record.synced.wait()
+            finally:
+                for record in group:
+                    await record.synced.settled()
         remember()
         return outcomes
 
-    def _commit_in_thread(self, keys: list[str], group: list[IndexRecord]):
-        # The renames into blobs/ must be durable before the rows that point at them are:
-        # the directory fsyncs run in a worker while this thread runs the group's statements,
-        # and the transaction commits only once they are done.
-        if self._fsync_thread is None:
-            # Its own thread: in the shared executor it would queue behind header parsing.
-            self._fsync_thread = ThreadPoolExecutor(1, thread_name_prefix="pacsd-dirsync")
-        synced = self._fsync_thread.submit(self.store.sync, keys)
+    def _commit_in_thread(self, group: list[IndexRecord]):
+        # The blobs must be durable before the rows that point at them are: their fsyncs
+        # (BlobSyncer) run while this thread runs the group's statements, and the
+        # transaction commits only once they are done.
         try:
             if self._conn is None:
                 # Kept open across groups: a pool checkout and check-in (with its reset)
@@ -379,13 +383,20 @@ class IndexWriter:
                 self._conn = self._sync_engine.connect()
             with self._conn.begin():
                 result = self._commit_sync(self._conn, group)
-                synced.result()  # raises (and so rolls back) if an fsync failed
+                for record in group:
+                    record.synced.result()  # raises (and so rolls back) if an fsync failed
                 return result
         except Exception:
             self._close_connection()  # whatever the failure left behind, the next group starts afresh
             raise
         finally:
-            futures_wait([synced])  # never leave an fsync running behind a failure
+            for record in group:
+                record.synced.settle()
+
+    def _blob_syncer(self) -> BlobSyncer:
+        if self._syncer is None:
+            self._syncer = BlobSyncer(self.store)
+        return self._syncer
 
     def _close_connection(self) -> None:
         if self._conn is not None:

@@ -544,7 +544,8 @@ async def test_failed_group_leaves_nothing_and_the_writer_goes_on(archive):
     assert writer.committed == 3
 
 
-async def test_failed_sync_fails_the_group_before_the_database(archive, monkeypatch):
+@pytest.mark.parametrize("fsync", ["sync_blobs", "sync_directories"])
+async def test_failed_sync_fails_the_group_before_the_database(archive, monkeypatch, fsync):
     writer = archive.writer()
     first = make_dataset(instance=1)
     assert (await writer.submit(archive.record(first))).stored
@@ -552,7 +553,7 @@ async def test_failed_sync_fails_the_group_before_the_database(archive, monkeypa
     def sync_fails(keys):
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(archive.store, "sync", sync_fails)
+    monkeypatch.setattr(archive.store, fsync, sync_fails)
     with pytest.raises(OSError):
         await writer.submit(archive.record(make_dataset(study=3, series_no=3, instance=2)))
     assert await index_state(archive.engine) == expected_state([first])
@@ -560,6 +561,51 @@ async def test_failed_sync_fails_the_group_before_the_database(archive, monkeypa
     again = make_dataset(study=3, series_no=3, instance=2)
     assert (await writer.submit(archive.record(again))).stored
     assert await index_state(archive.engine) == expected_state([first, again])
+
+
+async def test_a_blob_is_fsynced_while_the_writer_is_busy_with_the_group_before(archive, monkeypatch):
+    """A blob's fsyncs begin when its record reaches the writer, not when its own group is
+    taken up: while the group before it is held back, the next blob and its directory are
+    made durable already, so that group's commit finds them done."""
+    writer = archive.writer()
+    assert (await writer.submit(archive.record(make_dataset(instance=0)))).stored
+    fsynced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording(fd):
+        fsynced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    release = asyncio.Event()
+    real_commit = writer._commit
+    held: list[int] = []
+
+    async def held_back(group):
+        if not held:
+            held.append(len(group))
+            await release.wait()
+        return await real_commit(group)
+
+    monkeypatch.setattr(writer, "_commit", held_back)
+    first = archive.record(make_dataset(instance=1))
+    first_task = asyncio.ensure_future(writer.submit(first))
+    while not held:
+        await asyncio.sleep(0.001)
+    await first.synced.wait()
+    fsynced.clear()  # what follows is the next blob's own
+    second = archive.record(make_dataset(instance=2))
+    second_task = asyncio.ensure_future(writer.submit(second))
+    blob = str(archive.store.path(second.blob_key))
+    for _ in range(1000):
+        if {blob, os.path.dirname(blob)} <= set(fsynced):
+            break
+        await asyncio.sleep(0.005)
+    assert {blob, os.path.dirname(blob)} <= set(fsynced), fsynced
+    assert not first_task.done() and not second_task.done()
+    release.set()
+    assert (await first_task).stored and (await second_task).stored
+    assert await count(archive.engine, instances) == 3
 
 
 async def test_failed_commit_after_the_statements(archive, monkeypatch):
