@@ -38,7 +38,7 @@ sys.path.insert(0, str(HERE))
 
 import corpus as corpus_mod  # noqa: E402
 from servers import (GETSCU, ORTHANC, STORESCP, STORESCU, MOVESCU, Orthanc, Pacsd, Server,  # noqa: E402
-                     StoreSCP, getscu, movescu, storescu)
+                     StoreSCP, discard, getscu, movescu, storescu)
 
 SERVERS: dict[str, type[Server]] = {"pacsd": Pacsd, "orthanc": Orthanc, "storescp": StoreSCP}
 PEERS = ["orthanc", "storescp"]
@@ -77,7 +77,7 @@ class Context:
     def keep(self, row: str, name: str) -> Path:
         """Put the server `name`'s data directory aside for later rows; returns where."""
         target = self.work / "kept" / row / name
-        shutil.rmtree(target, ignore_errors=True)
+        discard(target)
         target.parent.mkdir(parents=True, exist_ok=True)
         (self.work / name).rename(target)
         self.kept[(row, name)] = target
@@ -108,7 +108,7 @@ class Context:
                       f"  ({time.perf_counter() - started:.0f} s)", flush=True)
                 if name in reusable and row in self.reuse and not result.error and not result.failures:
                     self.keep(row, name)
-                shutil.rmtree(self.work / name, ignore_errors=True)
+                discard(self.work / name)
         for name, results in runs.items():
             good = [r for r in results if not r.error]
             self.results.append(Result(
@@ -214,7 +214,7 @@ def row_find10k(ctx: Context) -> None:
 
     ctx.each("find10k", ["pacsd"], measure)
     if "find10k" not in ctx.reuse:
-        shutil.rmtree(filled.parent, ignore_errors=True)
+        discard(filled.parent)
         ctx.filled = None
 
 
@@ -278,7 +278,7 @@ def row_move(ctx: Context) -> None:
             result.error = f"movescu exited {code}"
         result.metrics = {"per_second": received / seconds, "mb_per_second": mb * received / len(files) / seconds,
                           "seconds": seconds}
-        shutil.rmtree(ctx.work / "move-destination", ignore_errors=True)
+        discard(ctx.work / "move-destination")
 
     ctx.each("move", ["pacsd", "orthanc"], measure)
 
@@ -292,14 +292,14 @@ def row_get(ctx: Context) -> None:
 
     def measure(cls: type[Server], result: Result) -> None:
         received = ctx.work / "get-destination"
-        shutil.rmtree(received, ignore_errors=True)
+        discard(received)
         try:
             with holding(ctx, "ct512", cls, files) as server:
                 seconds, code = getscu(server, study, received)
                 result.peak_rss_mib = server.peak_rss_mib()
             count = sum(1 for _ in received.iterdir())
         finally:
-            shutil.rmtree(received, ignore_errors=True)
+            discard(received)
         result.failures = len(files) - count
         if code:
             result.error = f"getscu exited {code}"
@@ -727,6 +727,21 @@ def fdatasync_ms(directory: Path, n: int = 50) -> float:
     return statistics.median(times)
 
 
+def create_us(directory: Path, n: int = 200) -> float:
+    """Median time to create an empty file where the servers write: every server creates
+    one per instance. Tens of µs normally; much more right after thousands of deletes on
+    ext4 without a journal (see servers.discard). The files stay until the run ends."""
+    probe = directory / "create-probe"
+    probe.mkdir(parents=True, exist_ok=True)
+    times = []
+    for i in range(n):
+        started = time.perf_counter()
+        os.close(os.open(probe / f"{i:04d}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        times.append((time.perf_counter() - started) * 1e6)
+    discard(probe)
+    return statistics.median(times)
+
+
 def versions() -> dict[str, str]:
     def run(*args: str) -> str:
         try:
@@ -772,6 +787,8 @@ def main() -> None:
     load = os.getloadavg()
     fsync = fdatasync_ms(work)
     print(f"fdatasync of a 4 KiB append in {work}: {fsync:.2f} ms (median)", flush=True)
+    create = create_us(work)
+    print(f"creating a file there: {create:.0f} µs (median)", flush=True)
     started = time.time()
     print(f"corpus in {args.corpus} (generated once, then reused), servers in {work}", flush=True)
     corpus_mod.write_small(args.corpus), corpus_mod.write_ct512(args.corpus), corpus_mod.write_find(args.corpus)
@@ -787,7 +804,7 @@ def main() -> None:
            "command": " ".join([os.path.relpath(sys.executable), *sys.argv]),
            "seconds": time.time() - started,
            "machine": {"cores": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
-                       "fdatasync_ms": fsync,
+                       "fdatasync_ms": fsync, "create_file_us": create,
                        "load_average_before": load[0], "load_average_after": os.getloadavg()[0]},
            "versions": versions(),
            "rows": [{"key": key, "title": title, "metrics": metrics} for key, title, metrics, _ in rows],
@@ -798,13 +815,13 @@ def main() -> None:
     path.write_text(json.dumps(doc, indent=2))
     print()
     print(table(doc))
-    print(f"\n{doc['when']}, {doc['seconds']:.0f} s, fdatasync {fsync:.2f} ms, load average {load[0]:.1f} before and "
+    print(f"\n{doc['when']}, {doc['seconds']:.0f} s, fdatasync {fsync:.2f} ms, file creation {create:.0f} µs, load average {load[0]:.1f} before and "
           f"{doc['machine']['load_average_after']:.1f} after; median of {args.repeat} runs, peak RSS the highest; "
           f"ratios are pacsd / peer (for ms and MiB lower is better); written to {os.path.relpath(path)}")
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
     else:  # the data kept for later rows and the filled index are this run's alone
-        for leftover in ("kept", "find10k"):
+        for leftover in ["kept", "find10k", *(p.name for p in work.glob(".discarded-*"))]:
             shutil.rmtree(work / leftover, ignore_errors=True)
 
 
