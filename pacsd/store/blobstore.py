@@ -13,9 +13,8 @@ Durability protocol for one group-commit of the index:
     store.sync(keys_of_the_group)        # the blobs' data and directory entries durable
     commit the index rows                # only now answer success
 
-`sync` is `sync_blobs` then `sync_directories`; the two may also run side by side (the
-index writer's BlobSyncer does, from the moment a blob reaches it). The index statements
-may run meanwhile; only the commit has to wait for both.
+The index writer starts `sync` for each blob as it receives it (store/syncer.py) and runs the
+group's statements meanwhile; only the commit has to wait for it.
 """
 
 from __future__ import annotations
@@ -75,21 +74,10 @@ class BlobStore(abc.ABC):
         is taken, nothing left behind on any error.
         """
 
+    @abc.abstractmethod
     def sync(self, keys: Iterable[str]) -> None:
         """Make these blobs durable: the data of each one placed since the last sync, and
         the directory entries (each distinct directory fsynced once)."""
-        keys = list(keys)
-        self.sync_blobs(keys)
-        self.sync_directories(keys)
-
-    @abc.abstractmethod
-    def sync_blobs(self, keys: Iterable[str]) -> None:
-        """Make the data of these blobs durable (each one placed since it was last synced)."""
-
-    @abc.abstractmethod
-    def sync_directories(self, keys: Iterable[str]) -> None:
-        """Make the directory entries of these blobs durable, with any directory created
-        for them; independent of `sync_blobs`, so the two can run at once."""
 
     @abc.abstractmethod
     def open(self, key: str, start: int = 0, end: int | None = None) -> BinaryIO | RangeReader:

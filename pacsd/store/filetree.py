@@ -293,22 +293,22 @@ class FileTreeBlobStore(BlobStore):
             except FileNotFoundError:
                 pass  # renamed into place by the no-hard-link fallback, or never created
 
-    def sync_blobs(self, keys: Iterable[str]) -> None:
-        paths = [self._path(key) for key in keys]
+    def sync(self, keys: Iterable[str]) -> None:
+        minutes: set[str] = set()
+        paths: list[str] = []
+        for key in keys:
+            paths.append(self._path(key))
+            minutes.add(self._dirs_of(key)[1])
+        if not minutes:
+            return
         with self._lock:
+            pending = set(self._new_dirs)
             files = self._unsynced.intersection(paths)
         for path in files:
             _fsync_file(path)
         if files:
             with self._lock:
                 self._unsynced -= files
-
-    def sync_directories(self, keys: Iterable[str]) -> None:
-        minutes = {self._dirs_of(key)[1] for key in keys}
-        if not minutes:
-            return
-        with self._lock:
-            pending = set(self._new_dirs)
         # A blob's directory always; its parents too while their entry is not known durable.
         to_sync: set[str] = set(minutes)
         created: set[str] = set()

@@ -131,13 +131,9 @@ def datasets(japanese: tuple[str, list[str]] | None = None) -> list[Dataset]:
 
 
 class NoBlobs:
-    """The writer fsyncs blobs and their directories before a commit; these records have no
-    blobs."""
+    """The writer fsyncs blob directories before a commit; these records have no blobs."""
 
-    def sync_blobs(self, keys) -> None:
-        pass
-
-    def sync_directories(self, keys) -> None:
+    def sync(self, keys) -> None:
         pass
 
 

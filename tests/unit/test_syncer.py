@@ -1,75 +1,60 @@
-"""BlobSyncer: a blob's data and its directory entry fsynced side by side, directory
-requests that queue up during a pass served by the next pass together."""
+"""BlobSyncer: each blob's fsyncs begin when it is handed over; blobs that wait while a pass
+runs share the next pass (one directory fsync for all of them)."""
 
 from __future__ import annotations
 
+import os
 import threading
+from pathlib import Path
 
 import pytest
 
+from pacsd.store.filetree import FileTreeBlobStore
 from pacsd.store.syncer import BlobSyncer
 
 
-class RecordingStore:
-    """Records each call; the first directory pass waits until the test lets it go."""
+class HeldStore:
+    """Records each pass; the first waits until the test lets it end."""
 
     def __init__(self) -> None:
-        self.blob_calls: list[list[str]] = []
-        self.directory_calls: list[list[str]] = []
+        self.passes: list[list[str]] = []
         self.first_pass_running = threading.Event()
         self.let_first_pass_end = threading.Event()
-        self.fail_blobs: set[str] = set()
+        self.failing: set[str] = set()
 
-    def sync_blobs(self, keys) -> None:
-        self.blob_calls.append(list(keys))
-        if self.fail_blobs.intersection(keys):
-            raise OSError(5, "Input/output error")
-
-    def sync_directories(self, keys) -> None:
-        self.directory_calls.append(list(keys))
-        if len(self.directory_calls) == 1:
+    def sync(self, keys) -> None:
+        self.passes.append(list(keys))
+        if len(self.passes) == 1:
             self.first_pass_running.set()
             assert self.let_first_pass_end.wait(10)
+        if self.failing.intersection(keys):
+            raise OSError(5, "Input/output error")
 
 
 @pytest.fixture
-def store_and_syncer():
-    store = RecordingStore()
+def held():
+    store = HeldStore()
     syncer = BlobSyncer(store)
     yield store, syncer
     store.let_first_pass_end.set()
     syncer.close()
 
 
-def test_directory_requests_made_during_a_pass_share_the_next_pass(store_and_syncer):
-    store, syncer = store_and_syncer
+def test_blobs_that_wait_during_a_pass_share_the_next_pass(held):
+    store, syncer = held
     first = syncer.start(["a"])
     assert store.first_pass_running.wait(10)
     later = [syncer.start([key]) for key in ("b", "c", "d")]
     store.let_first_pass_end.set()
     for synced in [first, *later]:
         synced.result()
-    # Each blob's data on its own; the three directory requests that waited, in one pass.
-    assert sorted(store.blob_calls) == [["a"], ["b"], ["c"], ["d"]]
-    assert store.directory_calls == [["a"], ["b", "c", "d"]]
+    assert store.passes == [["a"], ["b", "c", "d"]]
 
 
-def test_a_failed_blob_fsync_is_raised_by_result_and_not_by_settle(store_and_syncer):
-    store, syncer = store_and_syncer
-    store.let_first_pass_end.set()
-    store.fail_blobs.add("bad")
-    good, bad = syncer.start(["good"]), syncer.start(["bad"])
-    good.result()
-    bad.settle()
-    with pytest.raises(OSError, match="Input/output error"):
-        bad.result()
-
-
-def test_a_blob_waits_for_its_directory_pass(store_and_syncer):
-    store, syncer = store_and_syncer
+def test_a_blob_is_not_durable_before_its_pass_ends(held):
+    store, syncer = held
     synced = syncer.start(["a"])
     assert store.first_pass_running.wait(10)
-    # The data is fsynced, but the directory entry not yet: not durable.
     waiter = threading.Thread(target=synced.result)
     waiter.start()
     waiter.join(0.2)
@@ -77,3 +62,42 @@ def test_a_blob_waits_for_its_directory_pass(store_and_syncer):
     store.let_first_pass_end.set()
     waiter.join(10)
     assert not waiter.is_alive()
+
+
+def test_a_failed_pass_is_raised_by_result_and_not_by_settle(held):
+    store, syncer = held
+    store.let_first_pass_end.set()
+    syncer.start(["good"]).result()
+    store.failing.add("bad")
+    bad = syncer.start(["bad"])
+    bad.settle()
+    with pytest.raises(OSError, match="Input/output error"):
+        bad.result()
+
+
+def test_a_pass_fsyncs_each_blob_then_its_directory(tmp_path: Path, monkeypatch):
+    store = FileTreeBlobStore(tmp_path / "blobs")
+    keys = [store.new_key() for _ in range(3)]
+    for key in keys:
+        store.put_bytes(key, b"x" * 100)
+    minutes = {os.path.dirname(str(store.path(key))) for key in keys}
+    store.sync(keys[:1])  # the day and minute directories' own entries are now durable
+    fsynced: list[str] = []
+    real = os.fsync
+
+    def recording(fd):
+        fsynced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    syncer = BlobSyncer(store)
+    try:
+        for synced in [syncer.start([key]) for key in keys[1:]]:
+            synced.result()
+    finally:
+        syncer.close()
+    blobs = [str(store.path(key)) for key in keys[1:]]
+    # Each blob's data, then its directory (the day's and the root's entries are durable).
+    assert set(fsynced) == set(blobs) | minutes
+    for blob in blobs:
+        assert fsynced.index(blob) < max(i for i, p in enumerate(fsynced) if p == os.path.dirname(blob))
