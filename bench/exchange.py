@@ -89,9 +89,7 @@ def serve(timeline: str) -> None:
     wrap(pipeline, "prepare", enter="parse<", leave="parse>")
     wrap(IndexWriter, "_commit_in_thread", enter="commit<", leave="commit>")
     wrap(IndexWriter, "_commit_sync", leave="rows>")
-    wrap(FileTreeBlobStore, "sync", leave="synced>")  # before the blob and directory fsyncs ran side by side
-    wrap(FileTreeBlobStore, "sync_blobs", leave="blobs>")
-    wrap(FileTreeBlobStore, "sync_directories", leave="entries>")
+    wrap(FileTreeBlobStore, "sync", leave="synced>")
     wrap(pipeline.Ingest, "ingest", leave="ingest>")
     wrap(Association, "respond", leave="rsp>")
 
@@ -113,9 +111,6 @@ def steps(timeline: Path) -> dict[str, float]:
             exchanges.append({})
         if exchanges:
             exchanges[-1].setdefault(tag, int(t))
-    for e in exchanges:
-        if "synced>" not in e and {"blobs>", "entries>"} <= e.keys():
-            e["synced>"] = max(e["blobs>"], e["entries>"])
     needed = {"cmd", "data", "parse<", "parse>", "commit<", "rows>", "synced>", "commit>", "ingest>", "rsp>"}
     whole = [e for e in exchanges if needed <= e.keys()]
     cut = len(whole) // 10
