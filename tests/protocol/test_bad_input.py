@@ -161,20 +161,24 @@ def tls_client_hello() -> bytes:
 # --- talking to the daemon --------------------------------------------------------------
 
 
-# Client ports each daemon has seen from these tests (by the daemon's port).
-_USED_PORTS: dict[int, set[int]] = {}
+# Peer addresses (host:port) each daemon has seen from these tests (by the daemon's port).
+_USED_PEERS: dict[int, set[str]] = {}
+# Source addresses for connect(): loopback, but never 127.0.0.1, where echoscu comes from.
+_SOURCES = itertools.cycle([f"127.0.0.{n}" for n in range(2, 255)])
 
 
 def connect(pacs: Daemon) -> socket.socket:
-    """A connection from a local port this daemon has not seen from us before: tests find
-    their log events by peer address, and the kernel does hand out a port again after a few
-    hundred connections (a second association.protocol_error from "the same" peer)."""
-    used = _USED_PORTS.setdefault(pacs.port, set())
+    """A connection from a peer address this daemon has not seen before: tests find their
+    log events by peer address, and the kernel does hand out a port again after a few
+    hundred connections (a second association.ended from "the same" peer). So each comes
+    from a port not used before from its source address, and from another source address
+    than the echoscu of assert_still_serving, whose port no test chooses."""
+    used = _USED_PEERS.setdefault(pacs.port, set())
     for _ in range(50):
-        sock = socket.create_connection(("127.0.0.1", pacs.port), timeout=5)
-        port = sock.getsockname()[1]
-        if port not in used:
-            used.add(port)
+        sock = socket.create_connection(("127.0.0.1", pacs.port), timeout=5, source_address=(next(_SOURCES), 0))
+        peer = peer_of(sock)
+        if peer not in used:
+            used.add(peer)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             return sock
         sock.close()
