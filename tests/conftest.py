@@ -194,3 +194,18 @@ def wait_closed(sock: socket.socket, timeout: float) -> float:
     except ConnectionResetError:
         pass
     return time.monotonic() - started
+
+
+@pytest.fixture
+def fsynced(monkeypatch) -> list[str]:
+    """The path of every descriptor passed to os.fsync from now on, in order (the real
+    fsync still runs)."""
+    paths: list[str] = []
+    real = os.fsync
+
+    def recording(fd):
+        paths.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    return paths

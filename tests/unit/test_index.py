@@ -562,20 +562,13 @@ async def test_failed_sync_fails_the_group_before_the_database(archive, monkeypa
     assert await index_state(archive.engine) == expected_state([first, again])
 
 
-async def test_a_blob_is_fsynced_while_the_writer_is_busy_with_the_group_before(archive, monkeypatch):
+async def test_a_blob_is_fsynced_while_the_writer_is_busy_with_the_group_before(archive, monkeypatch, request):
     """A blob's fsyncs begin when its record reaches the writer, not when its own group is
     taken up: while the group before it is held back, the next blob and its directory are
     made durable already, so that group's commit finds them done."""
     writer = archive.writer()
     assert (await writer.submit(archive.record(make_dataset(instance=0)))).stored
-    fsynced: list[str] = []
-    real_fsync = os.fsync
-
-    def recording(fd):
-        fsynced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        return real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", recording)
+    fsynced = request.getfixturevalue("fsynced")  # from here on
     release = asyncio.Event()
     real_commit = writer._commit
     held: list[int] = []

@@ -75,21 +75,14 @@ def test_a_failed_pass_is_raised_by_result_and_not_by_settle(held):
         bad.result()
 
 
-def test_a_pass_fsyncs_each_blob_then_its_directory(tmp_path: Path, monkeypatch):
+def test_a_pass_fsyncs_each_blob_then_its_directory(tmp_path: Path, request):
     store = FileTreeBlobStore(tmp_path / "blobs")
     keys = [store.new_key() for _ in range(3)]
     for key in keys:
         store.put_bytes(key, b"x" * 100)
     minutes = {os.path.dirname(str(store.path(key))) for key in keys}
     store.sync(keys[:1])  # the day and minute directories' own entries are now durable
-    fsynced: list[str] = []
-    real = os.fsync
-
-    def recording(fd):
-        fsynced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        return real(fd)
-
-    monkeypatch.setattr(os, "fsync", recording)
+    fsynced = request.getfixturevalue("fsynced")  # from here on
     syncer = BlobSyncer(store)
     try:
         for synced in [syncer.start([key]) for key in keys[1:]]:
