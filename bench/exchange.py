@@ -51,7 +51,7 @@ def serve(timeline: str) -> None:
     from pacsd.ingest import pipeline
     from pacsd.net.association import Association
     from pacsd.services.storage import StorageSCP
-    from pacsd.store.filetree import FileTreeBlobStore
+    from pacsd.store.syncer import BlobSyncer
 
     marks: list[tuple[str, int]] = []
     clock = time.perf_counter_ns
@@ -89,7 +89,15 @@ def serve(timeline: str) -> None:
     wrap(pipeline, "prepare", enter="parse<", leave="parse>")
     wrap(IndexWriter, "_commit_in_thread", enter="commit<", leave="commit>")
     wrap(IndexWriter, "_commit_sync", leave="rows>")
-    wrap(FileTreeBlobStore, "sync", leave="synced>")
+    start_sync = BlobSyncer.start
+
+    def start(self, keys):
+        synced = start_sync(self, keys)
+        # A Future, or (up to 2026-12-01) a wrapper around one.
+        getattr(synced, "_future", synced).add_done_callback(lambda _: marks.append(("synced>", clock())))
+        return synced
+
+    BlobSyncer.start = start
     wrap(pipeline.Ingest, "ingest", leave="ingest>")
     wrap(Association, "respond", leave="rsp>")
 

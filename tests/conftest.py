@@ -198,14 +198,22 @@ def wait_closed(sock: socket.socket, timeout: float) -> float:
 
 @pytest.fixture
 def fsynced(monkeypatch) -> list[str]:
-    """The path of every descriptor passed to os.fsync from now on, in order (the real
-    fsync still runs)."""
+    """The path of every descriptor passed to os.fsync, or handed to the kernel's AIO to
+    fsync (store/aio.py), from now on, in order (the real fsync still runs)."""
+    from pacsd.store.aio import AioFsync
+
     paths: list[str] = []
     real = os.fsync
+    real_aio = AioFsync.fsync
 
     def recording(fd):
         paths.append(os.readlink(f"/proc/self/fd/{fd}"))
         return real(fd)
 
+    def recording_aio(self, fds):
+        paths.extend(os.readlink(f"/proc/self/fd/{fd}") for fd in fds)
+        return real_aio(self, fds)
+
     monkeypatch.setattr(os, "fsync", recording)
+    monkeypatch.setattr(AioFsync, "fsync", recording_aio)
     return paths

@@ -226,7 +226,7 @@ class IndexRecord:
     transfer_syntax_uid: str
     calling_ae: str
     future: asyncio.Future = field(default=None, repr=False)  # type: ignore[assignment]
-    # The blob's fsyncs (store/syncer.py Synced), started when the writer receives it.
+    # The blob's fsyncs (a Future of store/syncer.py BlobSyncer), started when the writer receives it.
     synced: Any = field(default=None, repr=False)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict, namedtuple
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable
@@ -255,8 +255,10 @@ class IndexWriter:
 
     async def submit(self, record: IndexRecord) -> WriteOutcome:
         record.future = asyncio.get_running_loop().create_future()
-        # Its fsyncs begin now, while earlier groups commit; its group's commit waits for them.
-        record.synced = self._blob_syncer().start([record.blob_key])
+        # Its fsyncs begin now if `prepare` did not start them, while earlier groups commit;
+        # its group's commit waits for them.
+        if record.synced is None:
+            record.synced = self.start_sync([record.blob_key])
         await self._queue.put(record)
         return await record.future
 
@@ -340,7 +342,8 @@ class IndexWriter:
 
     def _prepare_and_commit_in_thread(self, prepare: Callable[[], IndexRecord]):
         record = prepare()
-        record.synced = self._blob_syncer().start([record.blob_key])
+        if record.synced is None:
+            record.synced = self.start_sync([record.blob_key])
         try:
             outcomes, remember = self._commit_in_thread([record])
         except Exception as exc:
@@ -365,10 +368,9 @@ class IndexWriter:
                     # The blobs must be durable before the rows that point at them: an
                     # fsync error here rolls the group back.
                     for record in group:
-                        await record.synced.wait()
+                        await asyncio.wrap_future(record.synced)
             finally:
-                for record in group:
-                    await record.synced.settled()
+                await asyncio.wait([asyncio.wrap_future(record.synced) for record in group])
         remember()
         return outcomes
 
@@ -391,7 +393,13 @@ class IndexWriter:
             raise
         finally:
             for record in group:
-                record.synced.settle()
+                record.synced.exception()  # settled, whatever the outcome
+
+    def start_sync(self, keys: list[str]) -> Future:
+        """Begin the fsyncs of blobs placed already (from any thread); their record's
+        commit waits for them. The index writer's, so that a blob's fsyncs can start before
+        its record is ready, as soon as it is placed (ingest/pipeline.py prepare)."""
+        return self._blob_syncer().start(keys)
 
     def _blob_syncer(self) -> BlobSyncer:
         if self._syncer is None:

@@ -20,11 +20,11 @@ import hashlib
 import io
 import os
 import time
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import structlog
 
@@ -130,9 +130,11 @@ class Ingest:
                 # Alone, small, and nothing to commit before it: parsed and committed in one
                 # job of the index writer's thread. (A spooled instance may take seconds to
                 # check, and other associations' instances must not wait behind it.)
-                record, written = await self.writer.prepare_and_commit(partial(prepare, incoming, self.store))
+                record, written = await self.writer.prepare_and_commit(
+                    partial(prepare, incoming, self.store, start_sync=self.writer.start_sync))
             else:
-                record = await loop.run_in_executor(self.executor, prepare, incoming, self.store)
+                record = await loop.run_in_executor(self.executor, partial(
+                    prepare, incoming, self.store, start_sync=self.writer.start_sync))
         except IndexNotWritten as exc:
             return await self._not_written(exc.record, exc.cause)
         except Rejected as exc:
@@ -175,15 +177,24 @@ class Ingest:
 
     async def _not_written(self, record: IndexRecord, exc: Exception) -> Outcome:
         """The row did not commit: the blob must not stay behind without it."""
+        if record.synced is not None:
+            # An fsync still running would fail on the file removed next.
+            await asyncio.wait([asyncio.wrap_future(record.synced)])
         await asyncio.get_running_loop().run_in_executor(self.executor, self.store.delete, record.blob_key)
         if isinstance(exc, OSError):
             return Outcome(*_resource_status(exc))
         return Outcome(Status.OUT_OF_RESOURCES, f"index write failed: {type(exc).__name__}")
 
 
-def prepare(incoming: Incoming, store: BlobStore, key: str | None = None) -> IndexRecord:
+def prepare(incoming: Incoming, store: BlobStore, key: str | None = None,
+            start_sync: Callable[[list[str]], Future] | None = None) -> IndexRecord:
     """Everything before the index: in an executor thread, or in an ingest process
-    (ingest/processes.py), which is given the blob's key."""
+    (ingest/processes.py), which is given the blob's key.
+
+    With `start_sync` (the index writer's, in the daemon), a blob placed before the parse
+    has its fsyncs started there and then, so they run while this thread parses; the
+    record carries them to the commit, which waits for them."""
+    synced = None
     offset, ts, buffer = incoming.dataset_offset, incoming.transfer_syntax, incoming.buffer
     if key is None:
         key = store.new_key()
@@ -194,9 +205,13 @@ def prepare(incoming: Incoming, store: BlobStore, key: str | None = None) -> Ind
         # parses and the fsync before the index commit finds it done.
         digest = incoming.sha256 or hashlib.sha256(buffer).hexdigest()
         stored_size = store.put_bytes(key, buffer)
+        if start_sync is not None:
+            synced = start_sync([key])
         try:
             level_rows = _checked_rows(io.BytesIO(buffer), incoming)
         except BaseException:
+            if synced is not None:
+                synced.exception()  # no fsync may be left running on the file removed next
             store.delete(key)  # refused: no blob without its row
             raise
     else:
@@ -213,6 +228,7 @@ def prepare(incoming: Incoming, store: BlobStore, key: str | None = None) -> Ind
         dataset_offset=offset,
         transfer_syntax_uid=ts,
         calling_ae=incoming.calling_ae,
+        synced=synced,
     )
 
 

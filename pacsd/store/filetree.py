@@ -42,6 +42,7 @@ import re
 import sys
 import threading
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator
@@ -132,6 +133,13 @@ def disk_free(path: str | os.PathLike) -> int:
     """Bytes available to unprivileged users on the filesystem holding `path`."""
     st = os.statvfs(path)
     return st.f_bavail * st.f_frsize
+
+
+@dataclass
+class SyncPlan:
+    files: list[str]      # blobs whose data is not fsynced yet
+    dirs: list[str]       # directories to fsync once the files are
+    created: set[str]     # directories whose entries those fsyncs make durable
 
 
 class FileTreeBlobStore(BlobStore):
@@ -293,23 +301,17 @@ class FileTreeBlobStore(BlobStore):
             except FileNotFoundError:
                 pass  # renamed into place by the no-hard-link fallback, or never created
 
-    def sync(self, keys: Iterable[str]) -> None:
+    def sync_plan(self, keys: Iterable[str]) -> SyncPlan:
+        """What makes the blobs under `keys` durable: the files not fsynced yet, each blob's
+        directory, and the parents of directories whose entry is not known durable."""
         minutes: set[str] = set()
         paths: list[str] = []
         for key in keys:
             paths.append(self._path(key))
             minutes.add(self._dirs_of(key)[1])
-        if not minutes:
-            return
         with self._lock:
             pending = set(self._new_dirs)
             files = self._unsynced.intersection(paths)
-        for path in files:
-            _fsync_file(path)
-        if files:
-            with self._lock:
-                self._unsynced -= files
-        # A blob's directory always; its parents too while their entry is not known durable.
         to_sync: set[str] = set(minutes)
         created: set[str] = set()
         for minute in minutes:
@@ -320,13 +322,27 @@ class FileTreeBlobStore(BlobStore):
             if day in pending:
                 created.add(day)
                 to_sync.add(self._root)
-        for directory in to_sync:
+        return SyncPlan(sorted(files), sorted(to_sync), created)
+
+    def synced(self, plan: SyncPlan, files_only: bool = False) -> None:
+        """Forget what `plan` made durable. Created directories only once their parents are
+        fsynced: a concurrent sync that still sees them pending fsyncs the parent again,
+        which is harmless."""
+        with self._lock:
+            self._unsynced.difference_update(plan.files)
+            if not files_only:
+                self._new_dirs -= plan.created
+
+    def sync(self, keys: Iterable[str]) -> None:
+        plan = self.sync_plan(keys)
+        for path in plan.files:
+            _fsync_file(path)
+        if plan.files:
+            self.synced(plan, files_only=True)
+        for directory in plan.dirs:
             fsync_dir(directory)
-        # Forget created directories only once their parents are fsynced: a concurrent sync
-        # that still sees them pending fsyncs the parent again, which is harmless.
-        if created:
-            with self._lock:
-                self._new_dirs -= created
+        if plan.created:
+            self.synced(plan)
 
     def delete(self, key: str) -> bool:
         path = self._path(key)

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import uuid
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pydicom
@@ -33,6 +33,7 @@ from pacsd.index.db import (SchemaOutOfDate, create_engine, current_revision, en
 from pacsd.index.levels import IndexRecord, rows
 from pacsd.index.schema import instances, metadata, patients, series, studies
 from pacsd.index.writer import MAX_GROUP, IndexWriter, WriteOutcome, recount
+from pacsd.store.aio import AioFsync
 from pacsd.store.filetree import FileTreeBlobStore
 from tests.dbfixtures import FOREIGN_TABLE, engine, index_url  # noqa: F401  (pytest fixtures)
 
@@ -549,10 +550,20 @@ async def test_failed_sync_fails_the_group_before_the_database(archive, monkeypa
     first = make_dataset(instance=1)
     assert (await writer.submit(archive.record(first))).stored
 
+    # A disk error in either way the blob store's fsyncs are made: in a thread, or handed
+    # to the kernel (store/aio.py).
     def sync_fails(keys):
         raise OSError(5, "Input/output error")
 
+    def aio_fails(self, fds):
+        for fd in fds:
+            os.close(fd)
+        failed = Future()
+        failed.set_exception(OSError(5, "Input/output error"))
+        return failed
+
     monkeypatch.setattr(archive.store, "sync", sync_fails)
+    monkeypatch.setattr(AioFsync, "fsync", aio_fails)
     with pytest.raises(OSError):
         await writer.submit(archive.record(make_dataset(study=3, series_no=3, instance=2)))
     assert await index_state(archive.engine) == expected_state([first])
@@ -584,7 +595,7 @@ async def test_a_blob_is_fsynced_while_the_writer_is_busy_with_the_group_before(
     first_task = asyncio.ensure_future(writer.submit(first))
     while not held:
         await asyncio.sleep(0.001)
-    await first.synced.wait()
+    await asyncio.wrap_future(first.synced)
     fsynced.clear()  # what follows is the next blob's own
     second = archive.record(make_dataset(instance=2))
     second_task = asyncio.ensure_future(writer.submit(second))

@@ -22,6 +22,7 @@ from pacsd.dimse.status import Status
 from pacsd.ingest.pipeline import Incoming
 from pacsd.ingest.processes import TRANSFER_LIMIT
 from pacsd.store import filetree
+from pacsd.store.aio import AioFsync
 from tests.unit.test_index import make_dataset, part10
 
 
@@ -32,6 +33,7 @@ def calls(monkeypatch):
     seen: list[tuple[str, str]] = []
     real_open, real_fsync, real_link, real_unlink = os.open, os.fsync, os.link, os.unlink
     real_writeback = filetree._SYNC_FILE_RANGE
+    real_aio = AioFsync.fsync
 
     def writeback(fd, offset, nbytes, flags):
         seen.append(("writeback", os.readlink(f"/proc/self/fd/{fd}")))
@@ -54,8 +56,13 @@ def calls(monkeypatch):
         seen.append(("unlink", str(path)))
         return real_unlink(path, *args, **kwargs)
 
+    def fsync_in_kernel(self, fds):
+        seen.extend(("fsync", os.readlink(f"/proc/self/fd/{fd}")) for fd in fds)
+        return real_aio(self, fds)
+
     monkeypatch.setattr(os, "open", opening)
     monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(AioFsync, "fsync", fsync_in_kernel)
     monkeypatch.setattr(os, "link", link)
     monkeypatch.setattr(os, "unlink", unlink)
     if real_writeback is not None:
@@ -155,7 +162,8 @@ def count_jobs(monkeypatch, executor) -> list[str]:
     real_submit = executor.submit
 
     def submit(fn, *args, **kwargs):
-        jobs.append(getattr(fn, "__name__", repr(fn)))
+        named = getattr(fn, "func", fn)  # a functools.partial's function
+        jobs.append(getattr(named, "__name__", repr(named)))
         return real_submit(fn, *args, **kwargs)
 
     monkeypatch.setattr(executor, "submit", submit)
