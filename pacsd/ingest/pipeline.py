@@ -220,6 +220,8 @@ def prepare(incoming: Incoming, store: BlobStore, key: str | None = None,
             with open(incoming.path, "rb", buffering=0) as f:
                 digest = sha256_of(f)
         stored_size = store.put_from_spool(incoming.path, key)
+        if start_sync is not None:
+            synced = start_sync([key])
     return IndexRecord(
         rows=level_rows,
         blob_key=key,

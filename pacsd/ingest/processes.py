@@ -7,15 +7,18 @@ only while another one is being ingested too: alone, it is parsed faster in a th
     daemon (event loop)                         ingest process (ingest/worker.py)
       key = store.new_key(), its directories
       made here (in a thread, once a minute)
-      ── (job id, Incoming, key) ──────────────►  prepare(): header walk, UID checks, level
-                                                  rows, SHA-256, blob written under `key`
+      ── (job id, Incoming, key) ──────────────►  prepare(): blob written under `key`, its
+                                                  fsyncs started (blob, directory), header
+                                                  walk, UID checks, level rows, SHA-256;
+                                                  the fsyncs waited for
       ◄── (job id, IndexRecord | error, dirs) ──
-      store.take_over(key): the index writer's
-      group fsyncs the blob before its commit
+      the record is durable: the index writer
+      commits it without fsyncs of its own
 
-The daemon makes a key's directories itself, so that the store that fsyncs (this process's)
-knows every directory that is new; a directory a process had to create all the same comes
-back with the reply. If a process dies, its jobs fail with an OSError (A700 for the sender,
+The daemon makes a key's directories itself, so that this process's store knows every
+directory that is new, and fsyncs their parents (through the index writer) before the
+first record in them commits; a directory a process had to create all the same comes back
+with the reply. If a process dies, its jobs fail with an OSError (A700 for the sender,
 which never got a success), the blob it may have placed under the key is removed, and a
 new process is started; until it is ready, instances are parsed in the daemon's threads.
 """
@@ -39,6 +42,7 @@ from pacsd.index.levels import IndexRecord
 from pacsd.ingest.pipeline import Rejected, prepare
 from pacsd.ingest.worker import FAILED, LENGTH, OK, OS_ERROR, READY, REJECTED, frame
 from pacsd.store.filetree import FileTreeBlobStore
+from pacsd.store.syncer import DURABLE
 
 log = structlog.get_logger("pacsd.ingest")
 
@@ -164,7 +168,12 @@ class IngestProcesses:
             await loop.run_in_executor(self.executor, store.delete, key)
             raise
         if kind == OK:
-            store.take_over(key, created)
+            # The process made the blob and its directory entry durable; the directories
+            # the daemon created for the key may still need their parents fsynced (the
+            # index writer does that when `synced` is None).
+            store.take_over(None, created)
+            if not store.sync_plan([key]).created:
+                payload.synced = DURABLE
             return payload
         store.take_over(None, created)
         if kind == REJECTED:

@@ -42,28 +42,43 @@ def serve(sock: socket.socket, blob_root: Path) -> None:
     # Imported here: the parent imports this module for its constants only.
     from pacsd.ingest.pipeline import Rejected, prepare
     from pacsd.store.filetree import FileTreeBlobStore
+    from pacsd.store.syncer import BlobSyncer
 
     store = FileTreeBlobStore(blob_root)
+    # The blob's fsyncs run here, beside the parse, and end before the reply: the daemon's
+    # index writer then commits the record without waiting for them, and the daemon's
+    # event loop never has to start them.
+    syncer = BlobSyncer(store)
     sock.sendall(frame((0, READY, None, [])))
     incoming_file = sock.makefile("rb")
-    while True:
-        head = incoming_file.read(LENGTH.size)
-        if len(head) < LENGTH.size:
-            return  # the daemon closed its end
-        body = incoming_file.read(LENGTH.unpack(head)[0])
-        job_id, incoming, key = pickle.loads(body)
-        try:
-            record = prepare(incoming, store, key)
-            record.rows.serialise_parts()
-            kind, payload = OK, record
-        except Rejected as exc:
-            kind, payload = REJECTED, (exc.status, exc.comment)
-        except OSError as exc:
-            kind, payload = OS_ERROR, (exc.errno, exc.strerror or str(exc))
-        except Exception as exc:
-            log.exception("ingest.process_failed", sop_instance_uid=incoming.sop_instance_uid)
-            kind, payload = FAILED, f"{type(exc).__name__}: {exc}"
-        sock.sendall(frame((job_id, kind, payload, store.hand_over())))
+    try:
+        while True:
+            head = incoming_file.read(LENGTH.size)
+            if len(head) < LENGTH.size:
+                return  # the daemon closed its end
+            body = incoming_file.read(LENGTH.unpack(head)[0])
+            job_id, incoming, key = pickle.loads(body)
+            try:
+                record = prepare(incoming, store, key, start_sync=syncer.start)
+                record.rows.serialise_parts()
+                try:
+                    record.synced.result()
+                except BaseException:
+                    store.delete(key)  # not durable: no success for it, no blob left behind
+                    raise
+                record.synced = None  # done; a Future does not travel
+                kind, payload = OK, record
+            except Rejected as exc:
+                kind, payload = REJECTED, (exc.status, exc.comment)
+            except OSError as exc:
+                kind, payload = OS_ERROR, (exc.errno, exc.strerror or str(exc))
+            except Exception as exc:
+                log.exception("ingest.process_failed", sop_instance_uid=incoming.sop_instance_uid)
+                kind, payload = FAILED, f"{type(exc).__name__}: {exc}"
+            sock.sendall(frame((job_id, kind, payload, store.hand_over())))
+    finally:
+        incoming_file.close()
+        syncer.close()
 
 
 def main(argv: list[str]) -> int:

@@ -30,6 +30,10 @@ from pacsd.store.blobstore import BlobStore
 
 _UNTRIED = object()
 
+# The fsyncs of blobs made durable already (by the ingest process that placed them).
+DURABLE: Future = Future()
+DURABLE.set_result(None)
+
 
 class BlobSyncer:
     def __init__(self, store: BlobStore, in_kernel: bool = True) -> None:

@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pickle
 import signal
+import socket
+import threading
 from pathlib import Path
 
 from pacsd.app import Archive
 from pacsd.config import Settings, StorageSettings
 from pacsd.dimse.status import Status
+from pacsd.store.filetree import FileTreeBlobStore
 from tests.dicomdata import blob_files, query
 from tests.unit.test_ingest_syscalls import incoming
 
@@ -127,3 +131,38 @@ async def test_a_lost_ingest_process_costs_the_instance_it_held_and_nothing_else
     rows = query(data_dir / "index.db", "SELECT sop_instance_uid FROM instances")
     assert len(rows) == 5 and held_uid in {r["sop_instance_uid"] for r in rows}
     assert len(blob_files(data_dir)) == 5  # nothing left behind by the lost job
+
+
+def test_a_process_replies_once_the_blob_and_its_directory_are_fsynced(tmp_path, fsynced):
+    """The process fsyncs the blob it placed beside its parse, and its reply says it is
+    durable, so that the daemon neither starts nor waits for those fsyncs."""
+    from pacsd.ingest import worker
+
+    root = tmp_path / "blobs"
+    daemon_store = FileTreeBlobStore(root)
+    key = daemon_store.new_key()
+    daemon_store.make_dirs(key)  # as the daemon does before it sends the job
+    ours, theirs = socket.socketpair()
+    serving = threading.Thread(target=worker.serve, args=(theirs, root), daemon=True)
+    serving.start()
+    replies = ours.makefile("rb")
+
+    def reply():
+        length = worker.LENGTH.unpack(replies.read(worker.LENGTH.size))[0]
+        return pickle.loads(replies.read(length))
+
+    try:
+        assert reply()[1] == worker.READY
+        ours.sendall(worker.frame((7, incoming(1), key)))
+        job_id, kind, record, _created = reply()
+        blob = str(daemon_store.path(key))
+        assert (job_id, kind, record.blob_key) == (7, worker.OK, key)
+        assert {blob, os.path.dirname(blob)} <= set(fsynced), fsynced
+        with open(blob, "rb") as f:
+            assert f.read()  # the instance, in place
+    finally:
+        replies.close()
+        ours.close()  # the process's end of the daemon: it returns
+        serving.join(10)
+        theirs.close()
+    assert not serving.is_alive()
