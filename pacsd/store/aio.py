@@ -15,6 +15,7 @@ seccomp filter, a filesystem without fsync through AIO), and the caller uses thr
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import platform
 import sys
@@ -79,6 +80,9 @@ class AioFsync:
         self._lock = threading.Lock()
         self._batches: dict[int, _Batch] = {}
         self._next = 1
+        self._closing = False
+        # Set if the reaper stopped on its own: nothing would complete a batch any more.
+        self._broken: OSError | None = None
         self._reaper = threading.Thread(target=self._reap, name="pacsd-aio-reaper", daemon=True)
         self._reaper.start()
 
@@ -122,6 +126,10 @@ class AioFsync:
         batch.iocbs = iocbs
         pointers = (ctypes.c_void_p * len(fds))(*(ctypes.addressof(iocb) for iocb in iocbs))
         submitted = 0
+        if self._broken is not None:
+            submitted = len(fds)
+            for fd in fds:
+                self._done(token, self._fsync_here(fd))
         while submitted < len(fds):
             n = self._syscall(ctypes.c_long(self._submit), ctypes.c_ulong(self._context),
                               ctypes.c_long(len(fds) - submitted),
@@ -165,9 +173,21 @@ class AioFsync:
             n = self._syscall(ctypes.c_long(self._getevents), ctypes.c_ulong(self._context),
                               ctypes.c_long(1), ctypes.c_long(len(events)), events, None)
             if n < 0:
-                if ctypes.get_errno() == 4:  # EINTR
+                error = ctypes.get_errno()
+                if error == errno.EINTR:
                     continue
-                return  # EINVAL: io_destroy (close) ended the context
+                if not self._closing:
+                    # Not close's io_destroy: fail what waits rather than leave it waiting
+                    # for ever, and fsync in the callers' threads from now on.
+                    self._broken = OSError(error, f"AIO completions lost: {os.strerror(error)}")
+                    log.error("store.aio_reaper_failed", error=os.strerror(error))
+                    with self._lock:
+                        lost, self._batches = list(self._batches.values()), {}
+                    for batch in lost:
+                        for fd in batch.fds:
+                            os.close(fd)
+                        batch.future.set_exception(self._broken)
+                return
             for event in events[:n]:
                 self._done(event.data, event.res)
 
@@ -177,6 +197,7 @@ class AioFsync:
         # context, so wait for the reaper to see them first.
         for future in self._pending_futures():
             future.exception()
+        self._closing = True
         self._syscall(ctypes.c_long(self._destroy), ctypes.c_ulong(self._context))
         self._reaper.join(5)
 

@@ -3,6 +3,7 @@ of them."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import platform
@@ -121,3 +122,19 @@ def test_without_aio_the_syncer_fsyncs_in_its_thread(tmp_path: Path, monkeypatch
         syncer.close()
     blob = str(store.path(key))
     assert fsynced[0] == blob and os.path.dirname(blob) in fsynced[1:], fsynced
+
+
+def test_if_the_kernel_context_ends_under_it_nothing_waits_for_ever(tmp_path: Path):
+    """The context gone (here: destroyed behind the object's back): an fsync in flight ends,
+    with its result or with an error, and later fsyncs are done in the caller's thread."""
+    aio = AioFsync.open(str(tmp_path))
+    assert aio is not None
+    in_flight = aio.fsync(files(tmp_path, 3))
+    aio._syscall(ctypes.c_long(aio._destroy), ctypes.c_ulong(aio._context))
+    aio._reaper.join(10)
+    assert not aio._reaper.is_alive()
+    assert in_flight.done()  # succeeded if reaped before the context ended, else failed
+    (tmp_path / "later").mkdir()
+    later = files(tmp_path / "later", 2)
+    assert aio.fsync(later).result(10) is None
+    assert all(closed(fd) for fd in later)
