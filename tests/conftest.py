@@ -210,9 +210,9 @@ def fsynced(monkeypatch) -> list[str]:
         paths.append(os.readlink(f"/proc/self/fd/{fd}"))
         return real(fd)
 
-    def recording_aio(self, fds):
+    def recording_aio(self, fds, **kwargs):
         paths.extend(os.readlink(f"/proc/self/fd/{fd}") for fd in fds)
-        return real_aio(self, fds)
+        return real_aio(self, fds, **kwargs)
 
     monkeypatch.setattr(os, "fsync", recording)
     monkeypatch.setattr(AioFsync, "fsync", recording_aio)

@@ -100,16 +100,18 @@ class AioFsync:
             return None
         aio = cls(syscall, numbers, context.value)
         try:
-            aio.fsync([os.open(probe_dir, os.O_RDONLY | os.O_DIRECTORY)]).result()
+            aio.fsync([os.open(probe_dir, os.O_RDONLY | os.O_DIRECTORY)], here_too=False).result()
         except OSError as exc:
             log.info("store.aio_unavailable", error=str(exc))
             aio.close()
             return None
         return aio
 
-    def fsync(self, fds: list[int]) -> Future:
+    def fsync(self, fds: list[int], here_too: bool = True) -> Future:
         """fsync each of `fds` in the kernel's workers; the Future's result is None once all
-        are done, or the first error. The fds are closed then, whatever the outcome."""
+        are done, or the first error. The fds are closed then, whatever the outcome. What the
+        kernel does not take (a full context) is fsynced in this thread, unless `here_too`
+        is False: then its refusal is the error."""
         batch = _Batch(fds)
         if not fds:
             batch.future.set_result(None)
@@ -136,8 +138,9 @@ class AioFsync:
                               ctypes.byref(pointers, submitted * ctypes.sizeof(ctypes.c_void_p)))
             if n <= 0:
                 # Not taken (EAGAIN: the context is full): done here and now instead.
+                refused = -(ctypes.get_errno() or errno.EIO)
                 for fd in fds[submitted:]:
-                    self._done(token, self._fsync_here(fd))
+                    self._done(token, self._fsync_here(fd) if here_too else refused)
                 break
             submitted += n
         return batch.future

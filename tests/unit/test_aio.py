@@ -64,6 +64,18 @@ def test_an_fsync_the_kernel_refuses_fails_the_batch_with_its_error(aio, tmp_pat
         os.close(write_end)
 
 
+def test_the_kernels_refusal_is_the_error_where_nothing_may_be_done_in_this_thread(aio):
+    # How AioFsync.open tells a kernel that takes no fsync through AIO.
+    read_end, write_end = os.pipe()
+    try:
+        with pytest.raises(OSError) as raised:
+            aio.fsync([read_end], here_too=False).result(10)
+        assert raised.value.errno == errno.EINVAL
+        assert closed(read_end)
+    finally:
+        os.close(write_end)
+
+
 def test_more_fsyncs_than_the_context_holds_are_all_done(aio, tmp_path: Path):
     # The context takes 256 at a time; the rest are fsynced by the caller.
     fds = files(tmp_path, 600)

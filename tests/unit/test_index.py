@@ -555,7 +555,7 @@ async def test_failed_sync_fails_the_group_before_the_database(archive, monkeypa
     def sync_fails(keys):
         raise OSError(5, "Input/output error")
 
-    def aio_fails(self, fds):
+    def aio_fails(self, fds, **kwargs):
         for fd in fds:
             os.close(fd)
         failed = Future()

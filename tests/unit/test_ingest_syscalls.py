@@ -56,9 +56,9 @@ def calls(monkeypatch):
         seen.append(("unlink", str(path)))
         return real_unlink(path, *args, **kwargs)
 
-    def fsync_in_kernel(self, fds):
+    def fsync_in_kernel(self, fds, **kwargs):
         seen.extend(("fsync", os.readlink(f"/proc/self/fd/{fd}")) for fd in fds)
-        return real_aio(self, fds)
+        return real_aio(self, fds, **kwargs)
 
     monkeypatch.setattr(os, "open", opening)
     monkeypatch.setattr(os, "fsync", fsync)
