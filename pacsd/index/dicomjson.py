@@ -41,7 +41,7 @@ def to_json_dict(ds: Dataset, inline_limit: int, bulk_handler: BulkHandler) -> d
         encoding = _ENCODINGS.get(charset)
     out: dict[str, Any] = {}
     for tag, element in ds._dict.items():
-        key = f"{int(tag):08X}"
+        key = "%08X" % tag
         if (encoding is not None and isinstance(element, RawDataElement)
                 and element.is_little_endian):
             try:

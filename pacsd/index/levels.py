@@ -91,7 +91,10 @@ def _text(whole: dict, tag: int, limit: int) -> str:
     entry = whole.get(f"{tag:08X}")
     if not entry or "Value" not in entry:
         return ""
-    return "\\".join(_value_text(v) for v in entry["Value"])[:limit]
+    values = entry["Value"]
+    if len(values) == 1 and type(values[0]) is str:  # most columns: no join, no generator
+        return values[0][:limit]
+    return "\\".join(_value_text(v) for v in values)[:limit]
 
 
 def _int(whole: dict, tag: int) -> int | None:

@@ -579,6 +579,10 @@ def read_header(path: Path | BinaryIO, offset: int, transfer_syntax: str, *,
     return _header_dataset(walker, enc), pixel
 
 
+def _as_int(item: tuple) -> int:
+    return int(item[0])
+
+
 def _header_dataset(walker: _Walker, enc: Encoding) -> pydicom.Dataset:
     """The walker's top-level raw elements, with its copy of the sequences parsed by pydicom
     (in the data set's character set, which their items inherit), as one Dataset."""
@@ -594,7 +598,9 @@ def _header_dataset(walker: _Walker, enc: Encoding) -> pydicom.Dataset:
                                  parent_encoding=encoding)
         elements.update((tag, sequences.get_item(tag)) for tag in sequences.keys())
     walker.out = walker.raw = None
-    ds = pydicom.Dataset(dict(sorted(elements.items())))
+    # Sorted by plain ints: BaseTag's own comparisons are Python methods, ~10 µs of the
+    # ingest's parse of a small instance.
+    ds = pydicom.Dataset(dict(sorted(elements.items(), key=_as_int)))
     ds.set_original_encoding(enc.implicit, enc.little, encoding)
     return ds
 
