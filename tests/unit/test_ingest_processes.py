@@ -11,12 +11,15 @@ import pickle
 import signal
 import socket
 import threading
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from pacsd.app import Archive
 from pacsd.config import Settings, StorageSettings
 from pacsd.dimse.status import Status
+from pacsd.store import filetree
 from pacsd.store.filetree import FileTreeBlobStore
+from pacsd.store.syncer import DURABLE
 from tests.dicomdata import blob_files, query
 from tests.unit.test_ingest_syscalls import incoming
 
@@ -166,3 +169,27 @@ def test_a_process_replies_once_the_blob_and_its_directory_are_fsynced(tmp_path,
         serving.join(10)
         theirs.close()
     assert not serving.is_alive()
+
+
+async def test_a_process_blob_in_a_new_directory_waits_for_its_parents_fsync(tmp_path, monkeypatch, request):
+    """The daemon makes a key's directories; the first blob a process places in a new one
+    is durable only once the new directories' entries are: the index writer fsyncs their
+    parents before the commit. The blobs after it come back durable as they are."""
+    archive = _archive(tmp_path / "var", 1)
+    await archive.open()
+    try:
+        await archive.processes.start()
+        tomorrow = datetime.now(timezone.utc) + timedelta(days=1)  # a day directory of its own
+        monkeypatch.setattr(filetree, "_now", lambda: tomorrow)
+        fsynced = request.getfixturevalue("fsynced")
+        first = await archive.processes.prepare(incoming(1))
+        assert first.synced is None  # the writer's to start
+        assert (await archive.writer.submit(first)).stored
+        root = str(tmp_path / "var" / "blobs")
+        day = os.path.join(root, tomorrow.strftime("%Y%m%d"))
+        assert {root, day} <= set(fsynced), fsynced
+        second = await archive.processes.prepare(incoming(2))
+        assert second.synced is DURABLE
+        assert (await archive.writer.submit(second)).stored
+    finally:
+        await archive.close()
