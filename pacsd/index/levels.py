@@ -229,7 +229,8 @@ class IndexRecord:
     transfer_syntax_uid: str
     calling_ae: str
     future: asyncio.Future = field(default=None, repr=False)  # type: ignore[assignment]
-    # The blob's fsyncs (a Future of store/syncer.py BlobSyncer), started when the writer receives it.
+    # The blob's fsyncs (a Future of store/syncer.py BlobSyncer), started as the blob is
+    # placed (or, if not, when the writer receives the record); the commit waits for it.
     synced: Any = field(default=None, repr=False)
 
 

@@ -1,11 +1,12 @@
 """The one ingest pipeline (C-STORE now; import, and later STOW-RS, reuse it).
 
     spool file or memory (Part 10 header + data set as received)
-      → a small instance in memory: written to its blob, writeback started
+      → a small instance in memory: written to its blob, writeback and fsyncs started
       → check the data set's structure to its last byte, read the header up to Pixel Data
       → validate (UIDs well-formed, equal to what the command said, hierarchy present)
-      → a spooled instance: SHA-256, linked into the blob store   [executor thread]
-      → index writer: blob and directory fsyncs + group commit    [one writer]
+      → a spooled instance: SHA-256, linked into the blob store, fsyncs started
+                                                                  [executor thread]
+      → index writer: waits for the blob's fsyncs, group commit   [one writer]
       → the status for the sender
 
 A failure at any step removes what that step left behind: no half-written blob, no row
