@@ -31,7 +31,7 @@ def main() -> None:
     lines = []
     for key, row in rows.items():
         for n, (metric, label) in enumerate(row["metrics"]):
-            digits = 0 if metric in ("per_second", "peak_rss_mib") else 1
+            digits = 0 if metric in ("per_second", "peak_rss_mib") or metric.endswith("_us") else 1
             cells = [row["title"] if n == 0 else "", label,
                      fmt(value(a, key, "pacsd", metric), digits), fmt(value(b, key, "pacsd", metric), digits)]
             for peer in PEERS:

@@ -25,7 +25,7 @@ sys.path.insert(0, str(HERE))
 
 from ab import ROWS  # noqa: E402
 from run import SERVERS  # noqa: E402
-from servers import cpu_split, machine_cpu, storescu  # noqa: E402
+from servers import storescu_costed  # noqa: E402
 
 COLUMNS = ("instances/s", "server user µs", "server system µs", "everything else µs", "machine busy %")
 
@@ -33,21 +33,13 @@ COLUMNS = ("instances/s", "server user µs", "server system µs", "everything el
 def measure(cls, work: Path, files: list[Path], associations: int) -> dict[str, float]:
     """One fresh server storing `files`: the COLUMNS."""
     with cls(work) as server:
-        pid = server.proc.pid
-        user0, system0 = cpu_split(pid)
-        busy0, all0 = machine_cpu()
-        seconds, failures = storescu(server, [files[i::associations] for i in range(associations)])
-        busy1, all1 = machine_cpu()
-        user1, system1 = cpu_split(pid)
+        seconds, failures, cost = storescu_costed(server, [files[i::associations] for i in range(associations)])
     if failures:
         raise SystemExit(f"{cls.name}: {failures} instances failed; see {work}")
     n = len(files)
-    user, system = user1 - user0, system1 - system0
-    busy = busy1 - busy0
-    return {"instances/s": n / seconds, "server user µs": user / n * 1e6,
-            "server system µs": system / n * 1e6,
-            "everything else µs": max(busy - user - system, 0.0) / n * 1e6,
-            "machine busy %": busy / (all1 - all0) * 100}
+    return {"instances/s": n / seconds, "server user µs": cost.user / n * 1e6,
+            "server system µs": cost.system / n * 1e6, "everything else µs": cost.elsewhere / n * 1e6,
+            "machine busy %": cost.machine_busy / cost.machine_all * 100}
 
 
 def main() -> None:

@@ -38,7 +38,7 @@ sys.path.insert(0, str(HERE))
 
 import corpus as corpus_mod  # noqa: E402
 from servers import (GETSCU, ORTHANC, STORESCP, STORESCU, MOVESCU, Orthanc, Pacsd, Server,  # noqa: E402
-                     StoreSCP, discard, getscu, movescu, storescu)
+                     StoreSCP, discard, getscu, movescu, storescu, storescu_costed)
 
 SERVERS: dict[str, type[Server]] = {"pacsd": Pacsd, "orthanc": Orthanc, "storescp": StoreSCP}
 PEERS = ["orthanc", "storescp"]
@@ -134,9 +134,11 @@ def ingest(ctx: Context, row: str, chunks: list[list[Path]], nodelay: bool = Tru
 
     def measure(cls: type[Server], result: Result) -> None:
         with cls(ctx.work) as server:
-            seconds, result.failures = storescu(server, chunks, nodelay)
+            seconds, result.failures, cost = storescu_costed(server, chunks, nodelay)
             result.peak_rss_mib = server.peak_rss_mib()
-        result.metrics = {"per_second": count / seconds, "mb_per_second": mb / seconds, "seconds": seconds}
+        result.metrics = {"per_second": count / seconds, "mb_per_second": mb / seconds, "seconds": seconds,
+                          "server_cpu_us": (cost.user + cost.system) / count * 1e6,
+                          "machine_cpu_us": cost.machine_busy / count * 1e6}
 
     ctx.each(row, list(SERVERS), measure, reusable)
 
@@ -490,14 +492,17 @@ def qido_latencies(base: str, queries: int, patients: int) -> tuple[dict[str, fl
 
 
 INGEST = [("per_second", "inst/s (MB/s)")]
+# CPU per instance: the server's own, and the whole machine's (clients and the kernel's
+# threads included), which is what bounds a row once the cores are busy.
+CPU = [("server_cpu_us", "server CPU µs/inst"), ("machine_cpu_us", "machine CPU µs/inst")]
 FIND = [("p50_ms", "p50 ms"), ("p99_ms", "p99 ms")]
 QIDO = [("patient_p50_ms", "PatientID p50 ms"), ("patient_p99_ms", "PatientID p99 ms"),
         ("range_p50_ms", "name+dates p50 ms"), ("range_p99_ms", "name+dates p99 ms")]
 # key, title, (metric, label) lines of the table, function
 ROWS: list[tuple[str, str, list[tuple[str, str]], Callable[[Context], None]]] = [
-    ("small", "C-STORE 2,000 CT 64x64, 1 association", INGEST, row_small),
-    ("ct512", "C-STORE 200 CT 512x512, 1 association", INGEST, row_ct512),
-    ("small4", "C-STORE 2,000 CT 64x64, 4 associations", INGEST, row_small4),
+    ("small", "C-STORE 2,000 CT 64x64, 1 association", INGEST + CPU, row_small),
+    ("ct512", "C-STORE 200 CT 512x512, 1 association", INGEST + CPU, row_ct512),
+    ("small4", "C-STORE 2,000 CT 64x64, 4 associations", INGEST + CPU, row_small4),
     ("nagle", "C-STORE 200 CT 64x64, storescu default (Nagle on)", INGEST, row_nagle),
     ("assoc", "C-STORE 100 CT 64x64, one association each", INGEST + [("server_cpu_ms", "server CPU ms")],
      row_assoc),

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -277,6 +278,32 @@ def storescu(server: Server, chunks: list[list[Path]], nodelay: bool = True) -> 
         errors = sum(line.startswith("E: Store") for line in text.splitlines())
         failures += min(len(chunk), errors or (len(chunk) if code else 0))
     return seconds, failures
+
+
+@dataclass
+class Cost:
+    """CPU seconds spent while a client ran: the server's (all its processes) and the machine's."""
+
+    user: float
+    system: float
+    machine_busy: float  # every process and kernel thread, every core
+    machine_all: float  # busy or idle, every core
+
+    @property
+    def elsewhere(self) -> float:
+        """What the rest of the machine used: clients, the kernel's own threads, interrupts."""
+        return max(self.machine_busy - self.user - self.system, 0.0)
+
+
+def storescu_costed(server: Server, chunks: list[list[Path]], nodelay: bool = True) -> tuple[float, int, Cost]:
+    """`storescu`, and the CPU it cost the server and the machine."""
+    assert server.proc is not None
+    user0, system0 = cpu_split(server.proc.pid)
+    busy0, all0 = machine_cpu()
+    seconds, failures = storescu(server, chunks, nodelay)
+    busy1, all1 = machine_cpu()
+    user1, system1 = cpu_split(server.proc.pid)
+    return seconds, failures, Cost(user1 - user0, system1 - system0, busy1 - busy0, all1 - all0)
 
 
 def movescu(server: Server, destination: str, study_uid: str) -> tuple[float, int]:
