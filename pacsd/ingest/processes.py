@@ -172,7 +172,7 @@ class IngestProcesses:
             # the daemon created for the key may still need their parents fsynced (the
             # index writer does that when `synced` is None).
             store.take_over(None, created)
-            if not store.sync_plan([key]).created:
+            if not store.dirs_pending(key):
                 payload.synced = DURABLE
             return payload
         store.take_over(None, created)

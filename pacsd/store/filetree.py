@@ -182,6 +182,13 @@ class FileTreeBlobStore(BlobStore):
         need no mkdir at all."""
         return self._dirs_of(key)[1] == self._last_minute
 
+    def dirs_pending(self, key: str) -> bool:
+        """Whether `key`'s day or minute directory was created and its entry is not yet
+        known durable (`sync_plan` would fsync its parent)."""
+        day, minute = self._dirs_of(validate_key(key))
+        with self._lock:
+            return minute in self._new_dirs or day in self._new_dirs
+
     def make_dirs(self, key: str) -> None:
         """Create `key`'s day and minute directories if missing (blocks: a thread's work)."""
         day, minute = self._dirs_of(key)

@@ -524,6 +524,26 @@ def test_sync_fsyncs_each_directory_once(store, spool, clock, fsyncs):
     assert fsyncs == []
 
 
+def test_dirs_pending_until_a_sync_made_their_entries_durable(store, spool, clock, fsyncs):
+    clock.now = datetime(2026, 11, 30, 10, 42, 1, tzinfo=timezone.utc)
+    first = store.new_key()
+    assert not store.dirs_pending(first)  # not created yet
+    store.put_from_spool(spool(b"first"), first)
+    second = store.new_key()
+    assert store.dirs_pending(first) and store.dirs_pending(second)  # the same new minute
+
+    store.sync([first])
+    assert not store.dirs_pending(first) and not store.dirs_pending(second)
+
+    # A new minute of the same day: only the minute is pending, and that is enough.
+    clock.now = datetime(2026, 11, 30, 10, 43, 0, tzinfo=timezone.utc)
+    later = store.new_key()
+    store.put_from_spool(spool(b"later"), later)
+    assert store.dirs_pending(later) and not store.dirs_pending(first)
+    with pytest.raises(ValueError):
+        store.dirs_pending("../../etc/passwd")
+
+
 def test_sync_accepts_any_iterable(store, spool, fsyncs):
     keys = [store.new_key() for _ in range(3)]
     for key in keys:
