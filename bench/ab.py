@@ -23,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import corpus as corpus_mod  # noqa: E402
-from servers import REPOSITORY, Pacsd, pacsd_from, storescu, worktree  # noqa: E402
+from servers import REPOSITORY, Pacsd, pacsd_from, storescu_costed, worktree  # noqa: E402
 
 ROWS = {
     "small": ("2,000 CT 64x64, 1 association", corpus_mod.write_small, 1),
@@ -35,13 +35,11 @@ ROWS = {
 def run_once(work: Path, files: list[Path], associations: int, tree: Path | None) -> tuple[float, float]:
     """(instances/s, server CPU ms per instance) of one fresh server."""
     with pacsd_from(tree), Pacsd(work) as server:
-        cpu = server.cpu_seconds()
         chunks = [files[i::associations] for i in range(associations)]
-        seconds, failures = storescu(server, chunks)
-        cpu = server.cpu_seconds() - cpu
+        seconds, failures, cost = storescu_costed(server, chunks)
     if failures:
         raise SystemExit(f"{failures} instances failed; see {work}")
-    return len(files) / seconds, cpu / len(files) * 1000
+    return len(files) / seconds, (cost.user + cost.system) / len(files) * 1000
 
 
 def main() -> None:
