@@ -23,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import corpus as corpus_mod  # noqa: E402
-from servers import REPOSITORY, Pacsd, pacsd_from, storescu_costed, worktree  # noqa: E402
+from servers import REPOSITORY, Pacsd, machine_now, pacsd_from, storescu_costed, worktree  # noqa: E402
 
 ROWS = {
     "small": ("2,000 CT 64x64, 1 association", corpus_mod.write_small, 1),
@@ -54,6 +54,7 @@ def main() -> None:
     files = write(args.corpus)
     with tempfile.TemporaryDirectory(prefix="pacsd-ab-") as scratch, \
             worktree(args.base, Path(scratch) / "base") as base:
+        print(machine_now(Path(scratch)), flush=True)
         print(f"{title}: A = {args.base}, B = this tree ({REPOSITORY}); instances/s, server CPU ms per instance")
         rates: dict[str, list[float]] = {"A": [], "B": []}
         faster = 0

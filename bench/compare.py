@@ -41,6 +41,8 @@ def main() -> None:
         machine = doc["machine"]
         print(f"{name}: {path} ({doc['when']}, pacsd {doc['versions'].get('pacsd', '?')}, "
               f"{machine['cores']} cores, fdatasync {machine.get('fdatasync_ms', float('nan')):.2f} ms, "
+              f"file creation {machine.get('create_file_us', float('nan')):.0f} µs, "
+              f"{machine.get('cpu_stolen_percent', float('nan')):.0f}% CPU stolen, "
               f"load average {machine.get('load_average_before', float('nan')):.1f})")
     print()
     print(markdown(header, lines))

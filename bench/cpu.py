@@ -9,7 +9,9 @@ the storescu clients, and the kernel's own threads, which run a server's fsyncs 
 them (store/aio.py), its file system's journal commits and the disk's interrupts. This
 starts each server fresh on the row's corpus and clients, as run.py does, the servers by
 turns, and prints those three parts in µs per instance with the rate and how busy the
-machine was (100% is every core). The medians over the runs are in the last lines.
+machine was (100% is every core), and the share of the cores' time the hypervisor gave to
+other machines (steal: it counts in no column, and a run with much of it is a slow run).
+The medians over the runs are in the last lines.
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ sys.path.insert(0, str(HERE))
 
 from ab import ROWS  # noqa: E402
 from run import SERVERS  # noqa: E402
-from servers import storescu_costed  # noqa: E402
+from servers import machine_now, storescu_costed  # noqa: E402
 
-COLUMNS = ("instances/s", "server user µs", "server system µs", "everything else µs", "machine busy %")
+COLUMNS = ("instances/s", "server user µs", "server system µs", "everything else µs", "machine busy %",
+           "stolen %")
 
 
 def measure(cls, work: Path, files: list[Path], associations: int) -> dict[str, float]:
@@ -39,7 +42,8 @@ def measure(cls, work: Path, files: list[Path], associations: int) -> dict[str, 
     n = len(files)
     return {"instances/s": n / seconds, "server user µs": cost.user / n * 1e6,
             "server system µs": cost.system / n * 1e6, "everything else µs": cost.elsewhere / n * 1e6,
-            "machine busy %": cost.machine_busy / cost.machine_all * 100}
+            "machine busy %": cost.machine_busy / cost.machine_all * 100,
+            "stolen %": cost.machine_stolen / cost.machine_all * 100}
 
 
 def main() -> None:
@@ -56,10 +60,11 @@ def main() -> None:
     title, write, associations = ROWS[args.row]
     files = write(args.corpus)
     results: dict[str, list[dict[str, float]]] = {name: [] for name in names}
-    print(f"{title}: per instance, each server fresh, by turns")
-    print("| run | server | " + " | ".join(COLUMNS) + " |")
-    print("| --- | --- |" + " ---: |" * len(COLUMNS))
     with tempfile.TemporaryDirectory(prefix="pacsd-cpu-") as scratch:
+        print(machine_now(Path(scratch)))
+        print(f"{title}: per instance, each server fresh, by turns")
+        print("| run | server | " + " | ".join(COLUMNS) + " |")
+        print("| --- | --- |" + " ---: |" * len(COLUMNS), flush=True)
         for run in range(1, args.runs + 1):
             for name in names:
                 result = measure(SERVERS[name], Path(scratch) / f"{name}-{run}", files, associations)

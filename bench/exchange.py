@@ -169,10 +169,11 @@ def main() -> None:
         return
     import corpus as corpus_mod
 
-    from servers import worktree
+    from servers import machine_now, worktree
 
     files = (corpus_mod.write_small if args.row == "small" else corpus_mod.write_ct512)(args.corpus)
     with tempfile.TemporaryDirectory(prefix="pacsd-exchange-") as scratch, ExitStack() as stack:
+        print(machine_now(Path(scratch)), flush=True)
         sides: list[tuple[str, Path | None]] = []
         if args.base:
             sides.append((args.base, stack.enter_context(worktree(args.base, Path(scratch) / "base"))))

@@ -38,7 +38,8 @@ sys.path.insert(0, str(HERE))
 
 import corpus as corpus_mod  # noqa: E402
 from servers import (GETSCU, ORTHANC, STORESCP, STORESCU, MOVESCU, Orthanc, Pacsd, Server,  # noqa: E402
-                     StoreSCP, discard, getscu, movescu, storescu, storescu_costed)
+                     StoreSCP, create_us, discard, fdatasync_ms, getscu, machine_cpu, movescu, storescu,
+                     storescu_costed)
 
 SERVERS: dict[str, type[Server]] = {"pacsd": Pacsd, "orthanc": Orthanc, "storescp": StoreSCP}
 PEERS = ["orthanc", "storescp"]
@@ -717,36 +718,6 @@ def table(doc: dict) -> str:
 
 # --- run ------------------------------------------------------------------------------------
 
-def fdatasync_ms(directory: Path, n: int = 50) -> float:
-    """Median time to make a 4 KiB append durable where the servers write: the cost every
-    fsyncing server (pacsd, Orthanc) pays per commit, and what varies most between machines."""
-    times = []
-    path = directory / "fsync-probe"
-    with open(path, "wb") as f:
-        for _ in range(n):
-            f.write(os.urandom(4096))
-            started = time.perf_counter()
-            os.fdatasync(f.fileno())
-            times.append((time.perf_counter() - started) * 1000)
-    path.unlink()
-    return statistics.median(times)
-
-
-def create_us(directory: Path, n: int = 200) -> float:
-    """Median time to create an empty file where the servers write: every server creates
-    one per instance. Tens of µs normally; much more right after thousands of deletes on
-    ext4 without a journal (see servers.discard). The files stay until the run ends."""
-    probe = directory / "create-probe"
-    probe.mkdir(parents=True, exist_ok=True)
-    times = []
-    for i in range(n):
-        started = time.perf_counter()
-        os.close(os.open(probe / f"{i:04d}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
-        times.append((time.perf_counter() - started) * 1e6)
-    discard(probe)
-    return statistics.median(times)
-
-
 def versions() -> dict[str, str]:
     def run(*args: str) -> str:
         try:
@@ -795,6 +766,7 @@ def main() -> None:
     create = create_us(work)
     print(f"creating a file there: {create:.0f} µs (median)", flush=True)
     started = time.time()
+    machine_before = machine_cpu()
     print(f"corpus in {args.corpus} (generated once, then reused), servers in {work}", flush=True)
     corpus_mod.write_small(args.corpus), corpus_mod.write_ct512(args.corpus), corpus_mod.write_find(args.corpus)
     if "huge" in only:
@@ -805,11 +777,13 @@ def main() -> None:
         print(f"{title}", flush=True)
         fn(ctx)
 
+    machine = machine_cpu() - machine_before
+    stolen = machine.stolen / machine.all * 100 if machine.all else 0.0
     doc = {"when": datetime.now().astimezone().isoformat(timespec="seconds"),
            "command": " ".join([os.path.relpath(sys.executable), *sys.argv]),
            "seconds": time.time() - started,
            "machine": {"cores": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
-                       "fdatasync_ms": fsync, "create_file_us": create,
+                       "fdatasync_ms": fsync, "create_file_us": create, "cpu_stolen_percent": stolen,
                        "load_average_before": load[0], "load_average_after": os.getloadavg()[0]},
            "versions": versions(),
            "rows": [{"key": key, "title": title, "metrics": metrics} for key, title, metrics, _ in rows],
@@ -820,7 +794,8 @@ def main() -> None:
     path.write_text(json.dumps(doc, indent=2))
     print()
     print(table(doc))
-    print(f"\n{doc['when']}, {doc['seconds']:.0f} s, fdatasync {fsync:.2f} ms, file creation {create:.0f} µs, load average {load[0]:.1f} before and "
+    print(f"\n{doc['when']}, {doc['seconds']:.0f} s, fdatasync {fsync:.2f} ms, file creation {create:.0f} µs, "
+          f"{stolen:.0f}% of the CPU stolen by the hypervisor, load average {load[0]:.1f} before and "
           f"{doc['machine']['load_average_after']:.1f} after; median of {args.repeat} runs, peak RSS the highest; "
           f"ratios are pacsd / peer (for ms and MiB lower is better); written to {os.path.relpath(path)}")
     if args.work is None:

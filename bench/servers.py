@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -98,13 +99,66 @@ def cpu_seconds(pid: int) -> float:
     return sum(cpu_split(pid))
 
 
-def machine_cpu() -> tuple[float, float]:
-    """(busy, all) CPU seconds of the whole machine since boot, every core, from /proc/stat."""
+@dataclass
+class MachineCpu:
+    """CPU seconds of the whole machine since boot, every core, from /proc/stat."""
+
+    busy: float  # user, system, interrupts: work done on this machine
+    stolen: float  # time the hypervisor gave this machine's cores to others (steal)
+    all: float  # busy, stolen or idle
+
+    def __sub__(self, earlier: "MachineCpu") -> "MachineCpu":
+        return MachineCpu(self.busy - earlier.busy, self.stolen - earlier.stolen, self.all - earlier.all)
+
+
+def machine_cpu() -> MachineCpu:
     with open("/proc/stat") as f:
-        ticks = [int(t) for t in f.readline().split()[1:]]
-    idle = ticks[3] + ticks[4]  # idle, iowait
+        # user nice system idle iowait irq softirq steal; guest time is inside user already.
+        user, nice, system, idle, iowait, irq, softirq, steal = (int(t) for t in f.readline().split()[1:9])
     hz = os.sysconf("SC_CLK_TCK")
-    return (sum(ticks) - idle) / hz, sum(ticks) / hz
+    busy = user + nice + system + irq + softirq
+    return MachineCpu(busy / hz, steal / hz, (busy + steal + idle + iowait) / hz)
+
+
+def fdatasync_ms(directory: Path, n: int = 50) -> float:
+    """Median time to make a 4 KiB append durable where the servers write: the cost every
+    fsyncing server (pacsd, Orthanc) pays per commit, and what varies most between machines."""
+    times = []
+    path = directory / "fsync-probe"
+    with open(path, "wb") as f:
+        for _ in range(n):
+            f.write(os.urandom(4096))
+            started = time.perf_counter()
+            os.fdatasync(f.fileno())
+            times.append((time.perf_counter() - started) * 1000)
+    path.unlink()
+    return statistics.median(times)
+
+
+def create_us(directory: Path, n: int = 200) -> float:
+    """Median time to create an empty file where the servers write: every server creates
+    one per instance. Tens of µs normally; much more right after thousands of deletes on
+    ext4 without a journal (see `discard`). The files stay until the scratch directory goes."""
+    probe = directory / "create-probe"
+    probe.mkdir(parents=True, exist_ok=True)
+    times = []
+    for i in range(n):
+        started = time.perf_counter()
+        os.close(os.open(probe / f"{i:04d}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        times.append((time.perf_counter() - started) * 1e6)
+    discard(probe)
+    return statistics.median(times)
+
+
+def machine_now(directory: Path) -> str:
+    """One line on the state of the machine where `directory` is, for the tools that compare
+    runs taken minutes apart: the same code's rate moves with each of these."""
+    before = machine_cpu()
+    fsync, create = fdatasync_ms(directory), create_us(directory)
+    spent = machine_cpu() - before
+    stolen = spent.stolen / spent.all * 100 if spent.all else 0.0
+    return (f"this machine now: fdatasync {fsync:.2f} ms, file creation {create:.0f} µs, "
+            f"{stolen:.0f}% of the CPU stolen by the hypervisor meanwhile")
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -287,7 +341,8 @@ class Cost:
     user: float
     system: float
     machine_busy: float  # every process and kernel thread, every core
-    machine_all: float  # busy or idle, every core
+    machine_all: float  # busy, stolen or idle, every core
+    machine_stolen: float = 0.0  # taken by the hypervisor: nobody's work on this machine
 
     @property
     def elsewhere(self) -> float:
@@ -299,11 +354,11 @@ def storescu_costed(server: Server, chunks: list[list[Path]], nodelay: bool = Tr
     """`storescu`, and the CPU it cost the server and the machine."""
     assert server.proc is not None
     user0, system0 = cpu_split(server.proc.pid)
-    busy0, all0 = machine_cpu()
+    machine0 = machine_cpu()
     seconds, failures = storescu(server, chunks, nodelay)
-    busy1, all1 = machine_cpu()
+    machine = machine_cpu() - machine0
     user1, system1 = cpu_split(server.proc.pid)
-    return seconds, failures, Cost(user1 - user0, system1 - system0, busy1 - busy0, all1 - all0)
+    return seconds, failures, Cost(user1 - user0, system1 - system0, machine.busy, machine.all, machine.stolen)
 
 
 def movescu(server: Server, destination: str, study_uid: str) -> tuple[float, int]:
