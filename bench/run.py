@@ -716,6 +716,46 @@ def table(doc: dict) -> str:
     return markdown(header, lines) + "".join(f"\n\nNOTE {n}" for n in notes)
 
 
+# What pacsd aims for (the benchmark's issue): (row, metric, against, the bound, "min" or
+# "max"). Against a peer the bound is on pacsd/peer; against None, on pacsd's own value.
+TARGETS: list[tuple[str, str, str | None, float, str]] = [
+    ("small", "per_second", "orthanc", 2.0, "min"),
+    ("small", "per_second", "storescp", 0.9, "min"),
+    ("ct512", "per_second", "orthanc", 1.5, "min"),
+    ("ct512", "per_second", "storescp", 0.8, "min"),
+    ("small4", "per_second", "orthanc", 1.5, "min"),
+    ("small4", "per_second", "storescp", 0.7, "min"),
+    ("nagle", "per_second", "orthanc", 10.0, "min"),
+    ("move", "per_second", "orthanc", 1.0, "min"),
+    ("find10k", "p99_ms", None, 50.0, "max"),
+    ("huge", "peak_rss_mib", None, 200.0, "max"),
+]
+
+
+def targets(doc: dict) -> str:
+    """The targets this run measured, each with what the run gave (medians) and whether it
+    holds; a target whose row or peer the run left out is not listed."""
+    titles = {row["key"]: row["title"] for row in doc["rows"]}
+    labels = {row["key"]: dict(row["metrics"]) for row in doc["rows"]}
+    lines = []
+    for key, metric, peer, bound, kind in TARGETS:
+        if key not in titles:
+            continue
+        mine = value(doc, key, "pacsd", metric)
+        theirs = value(doc, key, peer, metric) if peer else None
+        if mine is None or (peer and not theirs):
+            continue
+        measured = mine / theirs if peer else mine
+        label = labels[key].get(metric, "peak RSS MiB" if metric == "peak_rss_mib" else metric)
+        what = f"pacsd/{LABELS[peer]}" if peer else f"pacsd {label}"
+        sign = ">=" if kind == "min" else "<"
+        held = measured >= bound if kind == "min" else measured < bound
+        lines.append([titles[key], f"{what} {sign} {bound:g}", f"{measured:,.2f}", "yes" if held else "no"])
+    if not lines:
+        return ""
+    return markdown(["workload", "target", "this run", "met"], lines)
+
+
 # --- run ------------------------------------------------------------------------------------
 
 def versions() -> dict[str, str]:
@@ -794,6 +834,8 @@ def main() -> None:
     path.write_text(json.dumps(doc, indent=2))
     print()
     print(table(doc))
+    if goals := targets(doc):
+        print(f"\nTargets (medians):\n\n{goals}")
     print(f"\n{doc['when']}, {doc['seconds']:.0f} s, fdatasync {fsync:.2f} ms, file creation {create:.0f} µs, "
           f"{stolen:.0f}% of the CPU stolen by the hypervisor, load average {load[0]:.1f} before and "
           f"{doc['machine']['load_average_after']:.1f} after; median of {args.repeat} runs, peak RSS the highest; "
