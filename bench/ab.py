@@ -32,14 +32,16 @@ ROWS = {
 }
 
 
-def run_once(work: Path, files: list[Path], associations: int, tree: Path | None) -> tuple[float, float]:
-    """(instances/s, server CPU ms per instance) of one fresh server."""
+def run_once(work: Path, files: list[Path], associations: int, tree: Path | None) -> tuple[float, float, float]:
+    """(instances/s, server CPU ms per instance, % of the CPU stolen meanwhile) of one fresh
+    server."""
     with pacsd_from(tree), Pacsd(work) as server:
         chunks = [files[i::associations] for i in range(associations)]
         seconds, failures, cost = storescu_costed(server, chunks)
     if failures:
         raise SystemExit(f"{failures} instances failed; see {work}")
-    return len(files) / seconds, (cost.user + cost.system) / len(files) * 1000
+    stolen = cost.machine_stolen / cost.machine_all * 100 if cost.machine_all else 0.0
+    return len(files) / seconds, (cost.user + cost.system) / len(files) * 1000, stolen
 
 
 def main() -> None:
@@ -55,7 +57,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="pacsd-ab-") as scratch, \
             worktree(args.base, Path(scratch) / "base") as base:
         print(machine_now(Path(scratch)), flush=True)
-        print(f"{title}: A = {args.base}, B = this tree ({REPOSITORY}); instances/s, server CPU ms per instance")
+        print(f"{title}: A = {args.base}, B = this tree ({REPOSITORY}); instances/s, server CPU ms per "
+              f"instance, CPU stolen by the hypervisor")
         rates: dict[str, list[float]] = {"A": [], "B": []}
         faster = 0
         for pair in range(1, args.pairs + 1):
@@ -64,7 +67,8 @@ def main() -> None:
             rates["A"].append(a[0])
             rates["B"].append(b[0])
             faster += b[0] > a[0]
-            print(f"  pair {pair}: A {a[0]:7.1f}/s {a[1]:5.2f} ms   B {b[0]:7.1f}/s {b[1]:5.2f} ms", flush=True)
+            print(f"  pair {pair}: A {a[0]:7.1f}/s {a[1]:5.2f} ms {a[2]:3.0f}%   "
+                  f"B {b[0]:7.1f}/s {b[1]:5.2f} ms {b[2]:3.0f}%", flush=True)
         print(f"B faster in {faster} of {args.pairs} pairs; median A {statistics.median(rates['A']):.1f}/s, "
               f"B {statistics.median(rates['B']):.1f}/s")
 

@@ -151,14 +151,11 @@ def create_us(directory: Path, n: int = 200) -> float:
 
 
 def machine_now(directory: Path) -> str:
-    """One line on the state of the machine where `directory` is, for the tools that compare
-    runs taken minutes apart: the same code's rate moves with each of these."""
-    before = machine_cpu()
-    fsync, create = fdatasync_ms(directory), create_us(directory)
-    spent = machine_cpu() - before
-    stolen = spent.stolen / spent.all * 100 if spent.all else 0.0
-    return (f"this machine now: fdatasync {fsync:.2f} ms, file creation {create:.0f} µs, "
-            f"{stolen:.0f}% of the CPU stolen by the hypervisor meanwhile")
+    """One line on the state of the disk where `directory` is, for the tools that compare
+    runs taken minutes apart: the same code's rate moves with both of these. (The CPU stolen
+    by the hypervisor shows only while the cores have work; the tools give it per run.)"""
+    return (f"this machine now: fdatasync {fdatasync_ms(directory):.2f} ms, "
+            f"file creation {create_us(directory):.0f} µs")
 
 
 def peak_rss_mib(pid: int) -> float:
