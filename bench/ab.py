@@ -40,8 +40,7 @@ def run_once(work: Path, files: list[Path], associations: int, tree: Path | None
         seconds, failures, cost = storescu_costed(server, chunks)
     if failures:
         raise SystemExit(f"{failures} instances failed; see {work}")
-    stolen = cost.machine_stolen / cost.machine_all * 100 if cost.machine_all else 0.0
-    return len(files) / seconds, (cost.user + cost.system) / len(files) * 1000, stolen
+    return len(files) / seconds, (cost.user + cost.system) / len(files) * 1000, cost.stolen_percent
 
 
 def main() -> None:

@@ -43,7 +43,7 @@ def measure(cls, work: Path, files: list[Path], associations: int) -> dict[str, 
     return {"instances/s": n / seconds, "server user µs": cost.user / n * 1e6,
             "server system µs": cost.system / n * 1e6, "everything else µs": cost.elsewhere / n * 1e6,
             "machine busy %": cost.machine_busy / cost.machine_all * 100,
-            "stolen %": cost.machine_stolen / cost.machine_all * 100}
+            "stolen %": cost.stolen_percent}
 
 
 def main() -> None:

@@ -818,7 +818,7 @@ def main() -> None:
         fn(ctx)
 
     machine = machine_cpu() - machine_before
-    stolen = machine.stolen / machine.all * 100 if machine.all else 0.0
+    stolen = machine.stolen_percent
     doc = {"when": datetime.now().astimezone().isoformat(timespec="seconds"),
            "command": " ".join([os.path.relpath(sys.executable), *sys.argv]),
            "seconds": time.time() - started,

@@ -110,6 +110,10 @@ class MachineCpu:
     def __sub__(self, earlier: "MachineCpu") -> "MachineCpu":
         return MachineCpu(self.busy - earlier.busy, self.stolen - earlier.stolen, self.all - earlier.all)
 
+    @property
+    def stolen_percent(self) -> float:
+        return self.stolen / self.all * 100 if self.all else 0.0
+
 
 def machine_cpu() -> MachineCpu:
     with open("/proc/stat") as f:
@@ -340,6 +344,10 @@ class Cost:
     machine_busy: float  # every process and kernel thread, every core
     machine_all: float  # busy, stolen or idle, every core
     machine_stolen: float = 0.0  # taken by the hypervisor: nobody's work on this machine
+
+    @property
+    def stolen_percent(self) -> float:
+        return MachineCpu(self.machine_busy, self.machine_stolen, self.machine_all).stolen_percent
 
     @property
     def elsewhere(self) -> float:
